@@ -1,0 +1,91 @@
+"""The application object: config plus the store, broker, connectors and recipes built from it.
+
+No hidden globals: everything a process needs hangs from one ``App``, so a
+test can build two side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+import redis
+import sqlalchemy.exc
+from dramatiq.brokers.redis import RedisBroker
+
+from connectors.base import ConnectorRegistry
+from workers.actors import declare_actors, enqueue_resume
+from workers.broker import make_broker, redis_url
+from workers.config import Config
+from workers.engine import Engine, Redactor, RetryPolicy
+from workers.recipes import RecipeFolder
+from workers.store import Store
+from workers.templating import Templates
+
+log = logging.getLogger("vivoflow")
+
+
+class App:
+    """One vivoflow process's parts, built lazily from config."""
+
+    def __init__(self, config: Config, *, broker_url: str | None = None, retry: RetryPolicy | None = None) -> None:
+        self.config = config
+        self._broker_url = broker_url
+        self.retry = retry
+        self.registry = ConnectorRegistry.discover()
+        self.registry.configure(config.connectors, base_dir=config.base_dir)
+        self.templates = Templates()
+
+    @cached_property
+    def store(self) -> Store:
+        store = Store(self.config.store_url())
+        store.create_schema()
+        return store
+
+    @cached_property
+    def broker(self) -> RedisBroker:
+        url = redis_url(self.config.broker, self._broker_url)
+        return make_broker(url, namespace=self.config.broker.namespace)
+
+    @cached_property
+    def recipes(self) -> RecipeFolder:
+        return RecipeFolder(self.config.recipes.dir, self.registry, self.templates)
+
+    def secrets(self) -> list[str]:
+        """Every configured secret, for redaction."""
+        values = [*self.registry.secrets(), self.config.admin.token.get_secret_value()]
+        values += [key.decode() for key in self.config.intake.keys()]
+        return [v for v in values if v]
+
+    @cached_property
+    def engine(self) -> Engine:
+        return Engine(
+            self.store, self.registry, self.recipes,
+            schedule=lambda run_id, delay: enqueue_resume(self.broker, run_id, delay),
+            redact=Redactor(self.secrets()), retry=self.retry,
+        )
+
+    def declare_actors(self) -> None:
+        declare_actors(self.broker, self.engine)
+
+    def readiness(self) -> dict[str, str]:
+        """``ok`` or the reason, for the broker and the store (``/readyz``)."""
+        checks = {}
+        try:
+            self.store.ping()
+            checks["store"] = "ok"
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            checks["store"] = f"unavailable: {type(exc).__name__}"
+        try:
+            self.broker.client.ping()
+            checks["broker"] = "ok"
+        except (redis.RedisError, OSError) as exc:
+            checks["broker"] = f"unavailable: {type(exc).__name__}"
+        return checks
+
+    def close(self) -> None:
+        self.registry.close()
+        if "broker" in self.__dict__:
+            self.broker.close()
+        if "store" in self.__dict__:
+            self.store.close()

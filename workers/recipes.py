@@ -1,0 +1,346 @@
+"""Recipes: YAML files of trigger + condition + steps, validated and compiled at load.
+
+Every problem is a ``RecipeError`` naming ``file:line``; a bad recipe is left
+out while the others run. Recipes are indexed by event, so matching a delivery
+costs the same however many unrelated recipes there are.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from jinja2 import TemplateSyntaxError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from connectors.base import ActionSpec, ConnectorRegistry, RenderAs
+from workers.errors import RecipeError
+from workers.events import EVENTS
+from workers.templating import Templates
+from workers.yamlsource import YamlError, line_of, load_with_lines
+
+log = logging.getLogger("vivoflow.recipes")
+
+_DURATION = re.compile(r"^\s*(-?)(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str | int) -> timedelta:
+    """``30s``, ``15m``, ``24h``, ``2d`` (and ``-24h`` for offsets) as a timedelta."""
+    if isinstance(text, int):
+        return timedelta(seconds=text)
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration: write e.g. 30s, 15m, 24h or 2d")
+    sign, amount, unit = match.groups()
+    delta = timedelta(**{_UNITS[unit]: int(amount)})
+    return -delta if sign else delta
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RetrySpec(_Spec):
+    max_attempts: int = Field(ge=1, le=100)
+
+
+class StepSpec(_Spec):
+    id: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    use: str
+    if_: str | None = Field(None, alias="if")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    delay: timedelta | None = None
+    at: str | None = None
+    offset: timedelta | None = None
+    retry: RetrySpec | None = None
+    on_error: Literal["stop", "continue"] = "stop"
+    skip_if_canceled: bool = True
+
+    @field_validator("delay", "offset", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+
+class RecipeSpec(_Spec):
+    name: str | None = None
+    description: str = ""
+    on: str | list[str]
+    if_: str | None = Field(None, alias="if")
+    steps: list[StepSpec] = Field(min_length=1)
+
+
+Renderer = Callable[[dict[str, Any]], Any]
+
+
+@dataclass
+class Step:
+    """One compiled step: its spec, the action it calls and its input templates."""
+
+    spec: StepSpec
+    position: int
+    connector: str
+    action: ActionSpec
+    condition: Callable[..., Any] | None
+    inputs: Renderer
+    at: Renderer | None
+    max_attempts: int
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    events: tuple[str, ...]
+    condition: Callable[..., Any] | None
+    condition_source: str | None
+    steps: list[Step]
+    file: Path
+
+
+@dataclass
+class RecipeBook:
+    """The recipes of one folder, by event, with the errors of those that did not load."""
+
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+    errors: list[RecipeError] = field(default_factory=list)
+    by_event: dict[str, list[Recipe]] = field(default_factory=dict)
+
+    def matching(self, event: str) -> list[Recipe]:
+        return self.by_event.get(event, [])
+
+
+def recipe_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.y*ml") if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def load_book(folder: Path, registry: ConnectorRegistry, templates: Templates) -> RecipeBook:
+    """Load every recipe in ``folder``; one bad file never stops the others."""
+    book = RecipeBook()
+    if not folder.is_dir():
+        book.errors.append(RecipeError("recipes folder not found (recipes.dir in config.yaml)", file=str(folder)))
+        return book
+    for path in recipe_files(folder):
+        recipe, errors = load_recipe(path, registry, templates)
+        if recipe and recipe.name in book.recipes:
+            other = book.recipes[recipe.name].file.name
+            errors.append(RecipeError(f"name: {recipe.name!r} is already used by {other}", file=str(path), line=1))
+            recipe = None
+        book.errors.extend(errors)
+        if recipe:
+            book.recipes[recipe.name] = recipe
+            for event in recipe.events:
+                book.by_event.setdefault(event, []).append(recipe)
+    return book
+
+
+def load_recipe(
+    path: Path, registry: ConnectorRegistry, templates: Templates
+) -> tuple[Recipe | None, list[RecipeError]]:
+    """Parse, validate and compile one recipe file; returns it or its errors (never both)."""
+    file = str(path)
+    try:
+        data, lines = load_with_lines(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [RecipeError(f"cannot read: {exc}", file=file)]
+    except YamlError as exc:
+        return None, [RecipeError(str(exc), file=file, line=exc.line)]
+    if not isinstance(data, dict):
+        return None, [RecipeError("a recipe is a mapping with at least 'on' and 'steps'", file=file, line=1)]
+    try:
+        spec = RecipeSpec.model_validate(data)
+    except ValidationError as exc:
+        return None, [_pydantic_error(err, file, lines) for err in exc.errors()]
+    return _compile(spec, path, lines, registry, templates)
+
+
+def _pydantic_error(err: Any, file: str, lines: dict[Any, int]) -> RecipeError:
+    loc = tuple("if" if p == "if_" else "with" if p == "with_" else p for p in err["loc"])
+    key = ".".join(str(p) for p in loc)
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if err["type"] == "missing":
+        msg = "required key is missing"
+    return RecipeError(f"{key}: {msg}" if key else msg, file=file, line=line_of(lines, loc))
+
+
+def _compile(
+    spec: RecipeSpec, path: Path, lines: dict[Any, int], registry: ConnectorRegistry, templates: Templates
+) -> tuple[Recipe | None, list[RecipeError]]:
+    file = str(path)
+    errors: list[RecipeError] = []
+
+    def error(loc: tuple[Any, ...], message: str) -> None:
+        errors.append(RecipeError(message, file=file, line=line_of(lines, loc)))
+
+    events = (spec.on,) if isinstance(spec.on, str) else tuple(spec.on)
+    for i, event in enumerate(events):
+        if event not in EVENTS:
+            error(("on", i) if isinstance(spec.on, list) else ("on",),
+                  f"on: unknown event {event!r} (events: {', '.join(EVENTS)})")
+
+    condition = _condition(spec.if_, ("if",), templates, (), error)
+    steps: list[Step] = []
+    seen: set[str] = set()
+    for position, step_spec in enumerate(spec.steps):
+        loc = ("steps", position)
+        if step_spec.id in seen:
+            error((*loc, "id"), f"steps[{position}].id: {step_spec.id!r} is used by an earlier step")
+        found = registry.find(step_spec.use)
+        if found is None:
+            known = ", ".join(_all_actions(registry))
+            error((*loc, "use"), f"use: unknown action {step_spec.use!r} (actions: {known})")
+            seen.add(step_spec.id)
+            continue
+        connector_cls, action_spec = found
+        step = _compile_step(step_spec, position, connector_cls.name, connector_cls.default_max_attempts,
+                             action_spec, templates, seen, error)
+        seen.add(step_spec.id)
+        if step:
+            steps.append(step)
+    if errors:
+        return None, errors
+    recipe = Recipe(
+        name=spec.name or path.stem, description=spec.description, events=events, condition=condition,
+        condition_source=spec.if_, steps=steps, file=path,
+    )
+    return recipe, []
+
+
+def _all_actions(registry: ConnectorRegistry) -> list[str]:
+    return sorted(f"{name}.{action}" for name, cls in registry.classes.items() for action in cls.actions)
+
+
+def _condition(
+    source: str | None, loc: tuple[Any, ...], templates: Templates, steps: Any, error: Callable[..., None]
+) -> Callable[..., Any] | None:
+    if source is None:
+        return None
+    try:
+        compiled = templates.compile_condition(source)
+    except TemplateSyntaxError as exc:
+        error(loc, f"{'.'.join(map(str, loc))}: template syntax error: {exc.message}")
+        return None
+    for problem in templates.unknown_names(source, expression=True, steps=steps):
+        error(loc, f"{'.'.join(map(str, loc))}: {problem}")
+    return compiled
+
+
+def _compile_step(
+    spec: StepSpec,
+    position: int,
+    connector: str,
+    default_attempts: int,
+    action: ActionSpec,
+    templates: Templates,
+    earlier: set[str],
+    error: Callable[..., None],
+) -> Step | None:
+    loc = ("steps", position)
+    report = _ErrorCount(error)
+    if spec.delay is not None and spec.at is not None:
+        report(loc, f"steps.{spec.id}: use either delay or at, not both")
+    if spec.offset is not None and spec.at is None:
+        report((*loc, "offset"), f"steps.{spec.id}.offset: only goes with at")
+    condition = _condition(spec.if_, (*loc, "if"), templates, earlier, report)
+
+    fields = action.input_model.model_fields
+    kinds = action.render_kinds()
+    for name, info in fields.items():
+        if info.is_required() and name not in spec.with_:
+            report((*loc, "with"), f"steps.{spec.id}.with: {spec.use} needs input {name!r}")
+    for name in spec.with_:
+        if name not in fields:
+            report((*loc, "with", name),
+                       f"steps.{spec.id}.with.{name}: {spec.use} has no input {name!r} (inputs: {', '.join(fields)})")
+
+    def compile_value(value: Any, kind: RenderAs, where: tuple[Any, ...]) -> Renderer:
+        if isinstance(value, str):
+            try:
+                render = templates.compile(value, kind)
+            except TemplateSyntaxError as exc:
+                report(where, f"{'.'.join(map(str, where[2:]))}: template syntax error: {exc.message}")
+                return lambda ctx: value
+            for problem in templates.unknown_names(value, steps=earlier):
+                report(where, f"steps.{spec.id}.{'.'.join(map(str, where[3:]))}: {problem}")
+            return render
+        if isinstance(value, dict):
+            parts = {k: compile_value(v, kind, (*where, k)) for k, v in value.items()}
+            return lambda ctx: {k: r(ctx) for k, r in parts.items()}
+        if isinstance(value, list):
+            items = [compile_value(v, kind, (*where, i)) for i, v in enumerate(value)]
+            return lambda ctx: [r(ctx) for r in items]
+        return lambda ctx: value
+
+    inputs = {name: compile_value(value, kinds.get(name, RenderAs.TEXT), (*loc, "with", name))
+              for name, value in spec.with_.items()}
+    at = compile_value(spec.at, RenderAs.TEXT, (*loc, "at")) if spec.at is not None else None
+    if report.count:
+        return None
+    return Step(
+        spec=spec, position=position, connector=connector, action=action, condition=condition,
+        inputs=lambda ctx: {name: r(ctx) for name, r in inputs.items()}, at=at,
+        max_attempts=spec.retry.max_attempts if spec.retry else default_attempts,
+    )
+
+
+class _ErrorCount:
+    """Counts the errors one step reports, so a step with any is left uncompiled."""
+
+    def __init__(self, error: Callable[..., None]) -> None:
+        self.error = error
+        self.count = 0
+
+    def __call__(self, loc: tuple[Any, ...], message: str) -> None:
+        self.count += 1
+        self.error(loc, message)
+
+
+class RecipeFolder:
+    """The recipes of ``recipes.dir``, reloaded when a file changes (checked at most once a second)."""
+
+    def __init__(self, folder: Path, registry: ConnectorRegistry, templates: Templates) -> None:
+        self.folder = folder
+        self.registry = registry
+        self.templates = templates
+        self._signature: tuple[Any, ...] | None = None
+        self._checked = 0.0
+        self.book = RecipeBook()
+        self.current()
+
+    def _files_signature(self) -> tuple[Any, ...]:
+        if not self.folder.is_dir():
+            return ()
+        out = []
+        for path in recipe_files(self.folder):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            out.append((path.name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def current(self) -> RecipeBook:
+        """The recipes as they are on disk now (at most a second stale)."""
+        now = time.monotonic()
+        if now - self._checked < 1.0 and self._signature is not None:
+            return self.book
+        self._checked = now
+        signature = self._files_signature()
+        if signature != self._signature:
+            self.book = load_book(self.folder, self.registry, self.templates)
+            self._signature = signature
+            for err in self.book.errors:
+                log.error("recipe not loaded: %s", err)
+            log.info("recipes loaded: %s", ", ".join(self.book.recipes) or "none")
+        return self.book

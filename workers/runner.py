@@ -1,0 +1,147 @@
+"""Process lifecycles: the intake server, worker processes, and ``vivoflow run`` holding both.
+
+``run`` owns the embedded broker: it starts it first and stops it last, after
+the workers have finished their messages, so nothing is dropped on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dramatiq
+import uvicorn
+
+from workers.actors import enqueue_delivery
+from workers.app import App
+from workers.broker import EmbeddedRedis
+from workers.config import Config
+from workers.intake import create_intake
+
+log = logging.getLogger("vivoflow")
+
+#: Environment variable through which a parent hands its broker's URL to worker processes.
+BROKER_URL_ENV = "VIVOFLOW_BROKER_URL"
+
+
+def serve(app: App) -> None:
+    """Run the intake until SIGINT/SIGTERM."""
+    intake = app.config.intake
+    log.info("intake listening on http://%s:%s%s", intake.host, intake.port, intake.path)
+    server = uvicorn.Server(uvicorn.Config(
+        create_intake(app), host=intake.host, port=intake.port, log_level="warning", access_log=False,
+        lifespan="off", timeout_graceful_shutdown=10,
+    ))
+    server.run()
+
+
+def work(app: App, threads: int, stop: threading.Event) -> None:
+    """Consume the queue in this process with ``threads`` threads until ``stop`` is set."""
+    app.declare_actors()
+    # A short idle poll keeps the end-to-end lag low; an idle worker asks Redis ten times a second.
+    worker = dramatiq.Worker(app.broker, worker_threads=threads, worker_timeout=100)
+    worker.start()
+    log.info("worker %s ready (%d threads)", os.getpid(), threads)
+    try:
+        stop.wait()
+    finally:
+        # In-flight messages finish; prefetched ones go back to the queue.
+        worker.stop(timeout=30_000)
+        app.close()
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+class WorkerProcesses:
+    """``count`` child ``vivoflow worker`` processes, restarted if one dies unexpectedly."""
+
+    def __init__(self, config: Config, broker_url: str, count: int, threads: int) -> None:
+        self.command = [
+            sys.executable, "-m", "workers.cli", "--config", config.source,
+            "worker", "--processes", "1", "--threads", str(threads),
+        ]
+        self.env = {**os.environ, BROKER_URL_ENV: broker_url}
+        self.count = count
+        self.children: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+
+    def start(self) -> None:
+        self.children = [self._spawn() for _ in range(self.count)]
+        self._monitor.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command, env=self.env, cwd=Path.cwd())
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, child in enumerate(self.children):
+                code = child.poll()
+                if code is not None and not self._stopping.is_set():
+                    log.error("worker %s exited with status %s; starting another", child.pid, code)
+                    self.children[i] = self._spawn()
+
+    def stop(self, timeout: float = 40.0) -> None:
+        self._stopping.set()
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def run_all(config: Config) -> None:
+    """``vivoflow run``: embedded broker (or the configured Redis), workers, intake."""
+    embedded = EmbeddedRedis(config.broker.data_dir) if config.broker.url == "embedded" else None
+    broker_url = embedded.start() if embedded else config.broker.url
+    workers: WorkerProcesses | None = None
+    app = App(config, broker_url=broker_url)
+    try:
+        app.store  # noqa: B018 - creates the schema before workers race to
+        book = app.recipes.current()
+        log.info("%d recipe(s) loaded, %d with errors (see `vivoflow validate`)",
+                 len(book.recipes), len(book.errors))
+        requeue_unprocessed(app)
+        if config.workers.processes:
+            workers = WorkerProcesses(config, broker_url, config.workers.processes, config.workers.threads)
+            workers.start()
+        # uvicorn re-raises the signal that stopped it once it is done; with SIGTERM's
+        # default action that would kill us before the workers and broker are stopped.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        serve(app)
+    finally:
+        if workers:
+            workers.stop()
+        app.close()
+        if embedded:
+            embedded.stop()
+        log.info("stopped")
+
+
+def requeue_unprocessed(app: App) -> None:
+    """Enqueue deliveries stored but never processed (a crash between storing and enqueueing).
+
+    Processing is idempotent, so a delivery also still on the queue costs a lookup, not a second run.
+    """
+    pending = app.store.unprocessed_deliveries(older_than=time.time())
+    for delivery_id in pending:
+        enqueue_delivery(app.broker, delivery_id)
+    if pending:
+        log.info("re-enqueued %d delivery(ies) not yet processed", len(pending))

@@ -1,0 +1,123 @@
+"""Jinja, sandboxed: one environment per kind of output, compiled once per recipe load.
+
+Escaping is decided here and nowhere else. ``finalize`` runs on the value of
+every ``{{ expression }}`` and never on the recipe author's literal text, so
+an invitee named ``<!channel>`` is escaped for Slack while the author's own
+``<!here>`` stays a mention; the same split gives HTML autoescaping and
+header values that cannot carry a line break.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from jinja2 import StrictUndefined, nodes
+from jinja2.exceptions import TemplateError
+from jinja2.meta import find_undeclared_variables
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup, escape
+
+from connectors.base import RenderAs
+from workers.events import INVITEE_KEYS, MEETING_KEYS, SUBMISSION_KEYS, UTM_KEYS, empty_context
+from workers.filters import FILTERS
+
+#: Fields of the context's mappings, for catching ``invitee.emial`` at validation.
+KNOWN_FIELDS: dict[str, tuple[str, ...]] = {
+    "invitee": INVITEE_KEYS,
+    "meeting": MEETING_KEYS,
+    "utm": UTM_KEYS,
+    "submission": SUBMISSION_KEYS,
+    "old": ("invitee", "meeting"),
+    "new": ("invitee", "meeting"),
+}
+TOP_NAMES = frozenset(empty_context("invitee.created"))
+
+
+def _text(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _slack(value: Any) -> Any:
+    # Slack's own rule: escape & < > in text that should not be read as markup.
+    if value is None:
+        return ""
+    if isinstance(value, Markup):  # the author's explicit `|safe`
+        return str(value)
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _header(value: Any) -> Any:
+    if value is None:
+        return ""
+    return " ".join(str(value).splitlines())
+
+
+def _html(value: Any) -> Any:
+    return "" if value is None else escape(value)
+
+
+def _environment(finalize: Callable[[Any], Any], *, autoescape: bool = False) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=autoescape, finalize=finalize, keep_trailing_newline=True
+    )
+    env.filters.update(FILTERS)
+    return env
+
+
+class Templates:
+    """Compiles recipe templates and conditions into the environment their output needs."""
+
+    def __init__(self) -> None:
+        self.envs = {
+            RenderAs.TEXT: _environment(_text),
+            RenderAs.HTML: _environment(_html, autoescape=True),
+            RenderAs.SLACK: _environment(_slack),
+            RenderAs.HEADER: _environment(_header),
+        }
+
+    def compile(self, source: str, kind: RenderAs = RenderAs.TEXT) -> Callable[[dict[str, Any]], str]:
+        """A render function for ``source``; raises ``TemplateSyntaxError`` on bad syntax."""
+        return self.envs[kind].from_string(source).render
+
+    def compile_condition(self, expression: str) -> Callable[..., Any]:
+        """An ``if:`` expression, evaluated against the context to a truth value."""
+        return self.envs[RenderAs.TEXT].compile_expression(expression, undefined_to_none=False)
+
+    def unknown_names(self, source: str, *, expression: bool = False, steps: Iterable[str] = ()) -> list[str]:
+        """Names and fields a template uses that no context will ever have (typos).
+
+        ``steps`` are the ids of the steps before this one: ``steps.<id>`` must be one of them.
+        """
+        env = self.envs[RenderAs.TEXT]
+        ast = env.parse(f"{{{{ {source} }}}}" if expression else source)
+        problems = [
+            f"unknown name {name!r}" for name in sorted(find_undeclared_variables(ast))
+            if name not in TOP_NAMES and name not in env.globals
+        ]
+        known_steps = set(steps)
+        for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+            root, field = _field_access(node)
+            if root is None or field is None:
+                continue
+            if root == "steps" and field not in known_steps:
+                problems.append(f"steps.{field}: no earlier step has this id")
+            elif root in KNOWN_FIELDS and field not in KNOWN_FIELDS[root]:
+                problems.append(f"{root}.{field}: no such field (known: {', '.join(KNOWN_FIELDS[root])})")
+        return problems
+
+
+def _field_access(node: nodes.Node) -> tuple[str | None, str | None]:
+    """``invitee.email`` or ``invitee['email']`` → ("invitee", "email"); anything else → (None, None)."""
+    target = node.node  # type: ignore[attr-defined]
+    if not isinstance(target, nodes.Name) or target.ctx != "load":
+        return None, None
+    if isinstance(node, nodes.Getattr):
+        return target.name, node.attr
+    arg = node.arg  # type: ignore[attr-defined]
+    if isinstance(arg, nodes.Const) and isinstance(arg.value, str):
+        return target.name, arg.value
+    return None, None
+
+
+__all__ = ["Templates", "TemplateError", "KNOWN_FIELDS"]
