@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import redis
 import sqlalchemy.exc
-from dramatiq.errors import ConnectionError as BrokerConnectionError
+from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
