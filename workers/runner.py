@@ -128,9 +128,11 @@ def run_all(config: Config) -> None:
         serve(app)
     finally:
         if workers:
+            log.info("stopping: workers finish the messages they hold")
             workers.stop()
         app.close()
         if embedded:
+            log.info("stopping the embedded broker")
             embedded.stop()
         log.info("stopped")
 

@@ -1,0 +1,181 @@
+"""``vivoflow run`` as a user starts it: a real process with the embedded broker, workers and SQLite.
+
+These tests own their embedded redis-server (in the test's data folder), so
+they check what the session-wide Redis cannot: start, clean stop, restart with
+queued messages kept, and recovery from a run that was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.harness import SIGNING_KEY, fixture_body, wait_until
+from tests.smtp_server import free_port
+from workers.signing import sign
+
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class RunProcess:
+    """One ``vivoflow run`` subprocess, its stderr kept in a file."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log_path = config.parent / f"run-{os.urandom(3).hex()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RunProcess:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "--config", str(self.config), "run"],
+                cwd=self.config.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        port = yaml.safe_load(self.config.read_text())["intake"]["port"]
+        self.url = f"http://127.0.0.1:{port}"
+        wait_until(self._healthy, timeout=30, interval=0.1)
+        # Workers announce themselves once they consume the queue.
+        wait_until(lambda: "ready" in self.log() or "processes: 0" in self.config.read_text(), timeout=30)
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"vivoflow run exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def post(self, body: bytes) -> httpx.Response:
+        return httpx.post(self.url + "/webhooks/vivocalendar", content=body,
+                          headers={"Vivocalendar-Webhook-Signature": sign(body, SIGNING_KEY)}, timeout=10)
+
+    def broker_pid(self) -> int:
+        return int(re.findall(r"redis-server pid (\d+)", self.log())[-1])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the run and its workers, as an OOM kill would
+            else:
+                self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too (the daemonised server is not our child, so this is rare).
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def run_config(tmp_path: Path, smtp_sink: Any) -> Iterator[Any]:
+    """Write a config for ``vivoflow run`` in tmp_path; returns a function taking overrides."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    for recipe in SHIPPED_RECIPES.glob("*.yaml"):
+        (recipes / recipe.name).write_text(recipe.read_text())
+    started: list[RunProcess] = []
+
+    def make(processes: int = 1, smtp: bool = True) -> Path:
+        config = {
+            "intake": {"port": free_port(), "signing_key": SIGNING_KEY},
+            "broker": {"url": "embedded", "data_dir": "./data"},
+            "workers": {"processes": processes, "threads": 2},
+            "connectors": {"email": {"host": "127.0.0.1" if smtp else "", "port": smtp_sink.port,
+                                     "starttls": False}},
+        }
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def start(path: Path) -> RunProcess:
+        run = RunProcess(path).start()
+        started.append(run)
+        return run
+
+    make.start = start  # type: ignore[attr-defined]
+    yield make
+    for run in started:  # never leave a server behind, whatever the test did
+        if run.proc and run.proc.poll() is None:
+            run.stop(signal.SIGKILL, timeout=10)
+        for pid in re.findall(r"redis-server pid (\d+)", run.log()):
+            if alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def test_run_sends_the_cancel_followup_and_stops_cleanly(run_config: Any, smtp_sink: Any) -> None:
+    run = run_config.start(run_config())
+
+    assert run.post(fixture_body("invitee.canceled")).status_code == 202
+    subjects = sorted(m["Subject"] for m in smtp_sink.wait_for(2, timeout=20))
+    assert subjects == ["Discovery Call with Jamie Rivera canceled by Jamie Rivera", "Sorry we missed you, Jamie"]
+    pid = run.broker_pid()
+
+    assert run.stop() == 0
+    assert not alive(pid), "the embedded redis-server outlived vivoflow run"
+    assert "stopped" in run.log()
+    assert "Traceback" not in run.log()
+
+
+def test_without_smtp_host_the_email_lands_in_the_outbox(run_config: Any, tmp_path: Path) -> None:
+    run = run_config.start(run_config(smtp=False))
+
+    assert run.post(fixture_body("invitee.canceled")).status_code == 202
+
+    files = wait_until(lambda: sorted((tmp_path / "data" / "outbox").glob("*.eml")), timeout=20)
+    wait_until(lambda: len(list((tmp_path / "data" / "outbox").glob("*.eml"))) == 2, timeout=20)
+    assert files
+    assert any("Sorry we missed you, Jamie" in f.read_text() for f in (tmp_path / "data" / "outbox").glob("*.eml"))
+    lines = [line for line in run.log().splitlines() if "written to data/outbox/" in line]
+    assert len(lines) == 2 and "jamie.rivera@example.com" in "\n".join(lines)
+    assert run.stop() == 0
+
+
+def test_queued_messages_survive_a_restart(run_config: Any, smtp_sink: Any) -> None:
+    intake_only = run_config.start(run_config(processes=0))
+    assert intake_only.post(fixture_body("invitee.canceled")).status_code == 202
+    assert intake_only.stop() == 0
+    assert smtp_sink.messages == []
+
+    run_config.start(run_config(processes=1))
+
+    assert len(smtp_sink.wait_for(2, timeout=30)) == 2
+
+
+def test_a_killed_run_leaves_nothing_that_stops_the_next_one(run_config: Any, smtp_sink: Any, tmp_path: Path) -> None:
+    config = run_config()
+    killed = run_config.start(config)
+    orphan = killed.broker_pid()
+    killed.stop(signal.SIGKILL)
+    assert alive(orphan)  # the daemonised redis-server survived its owner, as after an OOM kill
+
+    again = run_config.start(config)
+    assert again.post(fixture_body("invitee.canceled")).status_code == 202
+    assert len(smtp_sink.wait_for(2, timeout=30)) == 2
+    assert again.stop() == 0
+    assert not alive(orphan) and not alive(again.broker_pid())
+    settings = tmp_path / "data" / "broker.rdb.settings"
+    assert not settings.exists(), json.loads(settings.read_text())
