@@ -33,11 +33,15 @@ class RenderAs(enum.Enum):
     HTML = "html"  # event values HTML-escaped, the recipe's own markup kept
     SLACK = "slack"  # event values get Slack's & < > escaping; <!here> written by the author stays
     HEADER = "header"  # CR/LF folded to spaces: nothing from an invitee can start a new header
+    URL = "url"  # event values percent-encoded: they cannot change a URL's scheme, host or path
 
 
 HeaderText = Annotated[str, RenderAs.HEADER]
 HtmlText = Annotated[str, RenderAs.HTML]
 SlackText = Annotated[str, RenderAs.SLACK]
+#: A URL whose scheme and host come from the recipe's literal text; a value from the
+#: event is percent-encoded, unless the author marks it ``|safe`` on purpose.
+UrlText = Annotated[str, RenderAs.URL]
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:

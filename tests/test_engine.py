@@ -210,6 +210,23 @@ steps:
     step = steps_of(vivoflow, run["id"])["deep"]
     assert run["status"] == "failed"
     assert step["status"] == "failed" and step["error"].startswith("template:")
-    # The worker is still alive: the next delivery runs.
-    again = vivoflow.post(fixture_body("invitee.created", created_at="2027-02-01T10:00:09.000000Z"))
+    # The worker is still alive: the next booking runs.
+    again = vivoflow.post(fixture_body("invitee.created.rescheduled"))
     assert vivoflow.wait_for_runs(again.json()["delivery_id"])[0]["status"] == "failed"
+
+
+def test_the_same_booking_delivered_again_with_a_new_timestamp_runs_nothing(
+    run_recipe: Callable[..., Vivoflow], smtp_sink: Any
+) -> None:
+    vivoflow = run_recipe(TWO_STEPS.replace("{extra}", ""))
+    first = vivoflow.post(fixture_body("invitee.created")).json()["delivery_id"]
+    vivoflow.wait_for_runs(first)
+
+    # Not a duplicate for the intake (its created_at differs), but the same invitee booked once.
+    second = vivoflow.post(fixture_body("invitee.created", created_at="2027-02-01T10:05:00.000000Z"))
+
+    assert second.status_code == 202
+    delivery = vivoflow.wait_processed(second.json()["delivery_id"])
+    assert delivery["duplicate_of"] == first
+    assert vivoflow.runs(delivery["id"]) == []
+    assert len(smtp_sink.wait_for(2)) == 2

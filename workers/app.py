@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
+from pathlib import Path
 
 import redis
 import sqlalchemy.exc
@@ -24,6 +25,9 @@ from workers.templating import Templates
 
 log = logging.getLogger("vivoflow")
 
+#: The file in ``broker.data_dir`` holding the signing key ``vivoflow subscribe`` generated.
+SIGNING_KEY_FILE = "vivocalendar-signing-key"
+
 
 class App:
     """One vivoflow process's parts, built lazily from config."""
@@ -35,6 +39,7 @@ class App:
         self.registry = ConnectorRegistry.discover()
         self.registry.configure(config.connectors, base_dir=config.base_dir)
         self.templates = Templates()
+        self._key_file_cache: tuple[int, bytes] = (0, b"")
 
     @cached_property
     def store(self) -> Store:
@@ -51,10 +56,27 @@ class App:
     def recipes(self) -> RecipeFolder:
         return RecipeFolder(self.config.recipes.dir, self.registry, self.templates)
 
+    @property
+    def signing_key_file(self) -> Path:
+        """Where ``vivoflow subscribe`` keeps the key it generated; the intake accepts it too."""
+        return self.config.broker.data_dir / SIGNING_KEY_FILE
+
+    def signing_keys(self) -> list[bytes]:
+        """The configured keys plus the subscribed one (re-read when ``subscribe`` rewrites it)."""
+        keys = self.config.intake.keys()
+        try:
+            stat = self.signing_key_file.stat()
+        except OSError:
+            return keys
+        if self._key_file_cache[0] != stat.st_mtime_ns:
+            self._key_file_cache = (stat.st_mtime_ns, self.signing_key_file.read_text().strip().encode())
+        stored = self._key_file_cache[1]
+        return [*keys, stored] if stored and stored not in keys else keys
+
     def secrets(self) -> list[str]:
         """Every configured secret, for redaction."""
         values = [*self.registry.secrets(), self.config.admin.token.get_secret_value()]
-        values += [key.decode() for key in self.config.intake.keys()]
+        values += [key.decode() for key in self.signing_keys()]
         return [v for v in values if v]
 
     @cached_property

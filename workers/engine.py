@@ -35,6 +35,9 @@ STEP_LEASE_SECONDS = 120.0
 
 Schedule = Callable[[str, int], None]  # (run_id, delay in milliseconds)
 
+#: Events that happen once per invitee URI (a reschedule makes a new invitee).
+BOOKING_EVENTS = ("invitee.created", "invitee.canceled")
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -103,6 +106,8 @@ class Engine:
             log.warning("delivery %s not found; nothing to do", delivery_id)
             return []
         envelope = Envelope.model_validate_json(delivery["body"])
+        if not self._first_of_its_booking_event(delivery):
+            return []
         book = self.recipes.current()
         run_ids = []
         for recipe in book.matching(envelope.event):
@@ -115,6 +120,19 @@ class Engine:
                 self._execute(run, recipe, delivery, envelope)
         self.store.mark_processed(delivery_id)
         return run_ids
+
+    def _first_of_its_booking_event(self, delivery: dict[str, Any]) -> bool:
+        """An invitee is booked once and canceled at most once: the second delivery of either
+        (a webhook the sender retried with a new timestamp, or one reconciliation found first)
+        is recorded as a duplicate and runs nothing."""
+        if delivery["event"] not in BOOKING_EVENTS or not delivery["invitee_uri"]:
+            return True
+        owner = self.store.claim(f"booking:{delivery['event']}:{delivery['invitee_uri']}", delivery["id"])
+        if owner == delivery["id"]:
+            return True
+        self.store.mark_duplicate(delivery["id"], owner)
+        log.info("delivery %s is the same %s as %s: not run again", delivery["id"], delivery["event"], owner)
+        return False
 
     def resume_run(self, run_id: str) -> None:
         """Continue a run whose step was waiting (a delay, or a retry's backoff)."""

@@ -66,7 +66,6 @@ async def read_limited(request: Request, limit: int) -> bytes:
 def create_intake(app: App) -> Starlette:
     """The ASGI application: the webhook path, ``/healthz`` and ``/readyz``."""
     intake = app.config.intake
-    keys = intake.keys()
 
     def accept(envelope: Envelope, body: bytes) -> JSONResponse:
         facts = delivery_facts(envelope, body)
@@ -115,7 +114,7 @@ def create_intake(app: App) -> Starlette:
             return error(400, "client disconnected")
         header = next((request.headers[h] for h in SIGNATURE_HEADERS if h in request.headers), None)
         try:
-            verify(header, body, keys, tolerance=intake.tolerance_seconds)
+            verify(header, body, app.signing_keys(), tolerance=intake.tolerance_seconds)
         except SignatureError as exc:
             return error(401, str(exc))
         try:

@@ -27,11 +27,26 @@ deliveries = sa.Table(
     sa.Column("dedupe_key", sa.String(64), nullable=False, unique=True),
     sa.Column("event", sa.String(100), nullable=False),
     sa.Column("payload_uri", sa.Text),
-    sa.Column("invitee_uri", sa.Text),
+    sa.Column("invitee_uri", sa.String(500)),
     sa.Column("sender_created_at", sa.String(40)),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("processed_at", sa.Float),
+    #: ``webhook``, or ``reconcile`` for a booking found through the API that no webhook brought.
+    sa.Column("source", sa.String(20), nullable=False, default="webhook"),
+    #: Set when the same booking event reached us twice by different routes (a webhook and
+    #: reconciliation): this delivery is kept for the record and runs nothing.
+    sa.Column("duplicate_of", sa.String(40)),
     sa.Column("body", sa.Text, nullable=False),
+    sa.Index("ix_deliveries_invitee_event", "invitee_uri", "event"),
+)
+
+#: First-come claims on a name (``booking:invitee.created:<uri>``): the database's
+#: primary key, not process memory, decides which of two racing workers owns it.
+claims = sa.Table(
+    "claims", metadata,
+    sa.Column("key", sa.String(600), primary_key=True),
+    sa.Column("owner", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
 )
 
 runs = sa.Table(
@@ -142,6 +157,32 @@ class Store:
             conn.execute(
                 deliveries.update().where(deliveries.c.id == delivery_id).values(processed_at=time.time())
             )
+
+    def mark_duplicate(self, delivery_id: str, of: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                deliveries.update().where(deliveries.c.id == delivery_id)
+                .values(duplicate_of=of, processed_at=time.time())
+            )
+
+    def has_delivery(self, event: str, invitee_uri: str) -> bool:
+        """Whether any delivery of ``event`` for this invitee was stored (webhook or reconciled)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(deliveries.c.id).where(
+                    deliveries.c.invitee_uri == invitee_uri, deliveries.c.event == event
+                ).limit(1)
+            ).first() is not None
+
+    def claim(self, key: str, owner: str) -> str:
+        """Claim ``key`` for ``owner``; returns whoever holds it (``owner`` if the claim is ours)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(claims.insert().values(key=key, owner=owner, created_at=time.time()))
+            return owner
+        except IntegrityError:
+            with self.engine.connect() as conn:
+                return conn.execute(sa.select(claims.c.owner).where(claims.c.key == key)).scalar_one()
 
     def unprocessed_deliveries(self, older_than: float) -> list[str]:
         """Deliveries stored but never processed: to be enqueued again after a crash."""

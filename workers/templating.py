@@ -3,14 +3,16 @@
 Escaping is decided here and nowhere else. ``finalize`` runs on the value of
 every ``{{ expression }}`` and never on the recipe author's literal text, so
 an invitee named ``<!channel>`` is escaped for Slack while the author's own
-``<!here>`` stays a mention; the same split gives HTML autoescaping and
-header values that cannot carry a line break.
+``<!here>`` stays a mention; the same split gives HTML autoescaping, header
+values that cannot carry a line break, and URLs whose scheme and host only
+the author's literal text can set (event values are percent-encoded).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import StrictUndefined, nodes
 from jinja2.exceptions import TemplateError
@@ -53,6 +55,14 @@ def _header(value: Any) -> Any:
     return " ".join(str(value).splitlines())
 
 
+def _url(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, Markup):  # the author's explicit `|safe`: a whole URL from a trusted step
+        return str(value)
+    return quote(str(value), safe="")
+
+
 def _html(value: Any) -> Any:
     return "" if value is None else escape(value)
 
@@ -74,6 +84,7 @@ class Templates:
             RenderAs.HTML: _environment(_html, autoescape=True),
             RenderAs.SLACK: _environment(_slack),
             RenderAs.HEADER: _environment(_header),
+            RenderAs.URL: _environment(_url),
         }
 
     def compile(self, source: str, kind: RenderAs = RenderAs.TEXT) -> Callable[[dict[str, Any]], str]:

@@ -1,0 +1,82 @@
+"""What every HTTP-speaking connector shares: one pooled client and one reading of failures.
+
+Timeouts, connection errors, 429 (with its ``Retry-After``) and 5xx are
+retryable; other 4xx are permanent. Either way the error carries the remote
+service's own message, never a credential.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from workers.errors import PermanentStepError, RetryableStepError
+
+#: Longest a remote service's message is quoted in an error, so history stays readable.
+MESSAGE_LIMIT = 500
+
+
+def make_client(base_url: str = "", *, timeout: float = 10.0, headers: dict[str, str] | None = None) -> httpx.Client:
+    """The one client a connector keeps per worker process (connections are pooled)."""
+    return httpx.Client(
+        base_url=base_url, timeout=httpx.Timeout(timeout), headers=headers or {},
+        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16), follow_redirects=False,
+    )
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds, from either form the header takes (seconds or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def remote_message(response: httpx.Response) -> str:
+    """The service's own words: a JSON ``message``/``error``/``title``, else the body's start."""
+    try:
+        data: Any = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        for key in ("message", "error", "title", "detail", "error_description"):
+            value = data.get(key)
+            if isinstance(value, str) and value:
+                return value[:MESSAGE_LIMIT]
+    text = response.text.strip()
+    return text[:MESSAGE_LIMIT] or response.reason_phrase
+
+
+def raise_for_status(response: httpx.Response, service: str) -> None:
+    """Raise the step error class a failed response deserves; return for 2xx/3xx."""
+    status = response.status_code
+    if status < 400:
+        return
+    message = f"{service} answered {status}: {remote_message(response)}"
+    if status == 429 or status >= 500 or status == 408:
+        raise RetryableStepError(message, retry_after=retry_after(response))
+    raise PermanentStepError(message)
+
+
+def send(call: Callable[[], httpx.Response], service: str) -> httpx.Response:
+    """Run one request; transport failures become retryable step errors (no secret in them)."""
+    try:
+        return call()
+    except httpx.TimeoutException:
+        raise RetryableStepError(f"{service} did not answer in time") from None
+    except httpx.TransportError as exc:
+        raise RetryableStepError(f"cannot reach {service}: {type(exc).__name__}: {exc}") from None
+    except httpx.InvalidURL as exc:
+        raise PermanentStepError(f"{service}: invalid URL: {exc}") from None
