@@ -40,8 +40,11 @@ _STORE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
 _BROKER_ERRORS = (redis.RedisError, BrokerConnectionError, OSError)
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    # `Connection: close` after a refused body: otherwise the server keeps reading (and
+    # discarding) whatever the client goes on sending on that connection.
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class BodyTooLarge(Exception):
@@ -107,9 +110,9 @@ def create_intake(app: App) -> Starlette:
             with anyio.fail_after(READ_TIMEOUT_SECONDS):
                 body = await read_limited(request, intake.max_body_bytes)
         except BodyTooLarge:
-            return error(413, f"body larger than {intake.max_body_bytes} bytes")
+            return error(413, f"body larger than {intake.max_body_bytes} bytes", close=True)
         except TimeoutError:
-            return error(408, "body not received in time")
+            return error(408, "body not received in time", close=True)
         except ClientDisconnect:
             return error(400, "client disconnected")
         header = next((request.headers[h] for h in SIGNATURE_HEADERS if h in request.headers), None)
