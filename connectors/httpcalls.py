@@ -76,6 +76,9 @@ def send(call: Callable[[], httpx.Response], service: str) -> httpx.Response:
         return call()
     except httpx.TimeoutException:
         raise RetryableStepError(f"{service} did not answer in time") from None
+    except httpx.LocalProtocolError:
+        # Its text quotes the offending header, which may be the Authorization header.
+        raise PermanentStepError(f"{service}: request not sent: a header is invalid (check the credentials)") from None
     except httpx.TransportError as exc:
         raise RetryableStepError(f"cannot reach {service}: {type(exc).__name__}: {exc}") from None
     except httpx.InvalidURL as exc:
