@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationInfo
+from pydantic.fields import FieldInfo
 
 from workers.errors import ConfigError, PermanentStepError
 
@@ -88,10 +89,14 @@ class ActionSpec:
     method: Callable[..., Any]
     description: str = ""
 
+    def inputs(self) -> dict[str, FieldInfo]:
+        """The input fields by the name a recipe writes (the alias: ``json`` for ``json_``)."""
+        return {info.alias or name: info for name, info in self.input_model.model_fields.items()}
+
     def render_kinds(self) -> dict[str, RenderAs]:
-        """The escaping of each input field, from the ``RenderAs`` marker on its annotation."""
+        """The escaping of each input, from the ``RenderAs`` marker on its annotation."""
         kinds: dict[str, RenderAs] = {}
-        for name, info in self.input_model.model_fields.items():
+        for name, info in self.inputs().items():
             found = [m for m in info.metadata if isinstance(m, RenderAs)] + _markers(info.annotation)
             kinds[name] = found[0] if found else RenderAs.TEXT
         return kinds
@@ -224,10 +229,15 @@ class ConnectorRegistry:
         self._instances.clear()
 
 
-def _secret_values(config: BaseModel) -> list[str]:
-    """Values of the config's ``SecretStr`` fields (tokens, passwords), the ones to redact."""
-    return [
-        value.get_secret_value()
-        for value in config.__dict__.values()
-        if isinstance(value, SecretStr) and value.get_secret_value()
-    ]
+def _secret_values(value: Any) -> list[str]:
+    """Every ``SecretStr`` value in a config, however deeply nested (``http.auth.crm.token``)."""
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return [secret] if secret else []
+    if isinstance(value, BaseModel):
+        value = list(value.__dict__.values())
+    elif isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [secret for item in value for secret in _secret_values(item)]
+    return []

@@ -19,7 +19,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, getaddresses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import icalendar
 from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -31,7 +31,7 @@ from connectors.base import (
     Connector,
     ConnectorConfig,
     HeaderText,
-    RenderAs,
+    HtmlText,
     action,
 )
 from workers.errors import PermanentStepError, RetryableStepError
@@ -109,9 +109,7 @@ class SendInput(ActionInput):
     reply_to: str | None = None
     subject: HeaderText
     text: str | None = None
-    # Not ``HtmlText | None``: a marker inside a union is invisible to ActionSpec.render_kinds,
-    # and event values would then land in the HTML unescaped.
-    html: Annotated[str | None, RenderAs.HTML] = None
+    html: HtmlText | None = None
     ics: bool = False
 
     @field_validator("to", "cc", "bcc")

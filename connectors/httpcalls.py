@@ -81,5 +81,6 @@ def send(call: Callable[[], httpx.Response], service: str) -> httpx.Response:
         raise PermanentStepError(f"{service}: request not sent: a header is invalid (check the credentials)") from None
     except httpx.TransportError as exc:
         raise RetryableStepError(f"cannot reach {service}: {type(exc).__name__}: {exc}") from None
-    except httpx.InvalidURL as exc:
-        raise PermanentStepError(f"{service}: invalid URL: {exc}") from None
+    except httpx.InvalidURL:
+        # Not quoted: a URL can carry a credential (an incoming webhook's path).
+        raise PermanentStepError(f"{service}: invalid URL") from None

@@ -25,9 +25,13 @@ from workers.errors import ConfigError, RecipeError, VivoflowError
 log = logging.getLogger("vivoflow")
 
 
-def setup_logging(verbose: bool = False) -> None:
+#: Commands that keep running, whose INFO log is their output; the others print results, not logs.
+LONG_RUNNING = ("run", "serve", "worker")
+
+
+def setup_logging(verbose: bool = False, *, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -69,7 +73,8 @@ def cli(click_ctx: click.Context, config_path: str | None, verbose: bool) -> Non
     Dry-run one recipe:          vivoflow try cancel-followup --event invitee.canceled
     See what ran:                vivoflow runs
     """
-    setup_logging(verbose)
+    # A one-shot command's error must be the one line on stderr, not follow "recipes loaded…" lines.
+    setup_logging(verbose, quiet=click_ctx.invoked_subcommand not in LONG_RUNNING)
     click_ctx.obj = Ctx(config_path)
 
 
@@ -289,7 +294,7 @@ def runs(click_ctx: click.Context, status: str | None, recipe: str | None, limit
     store.create_schema()
     rows = store.list_runs(status=status, recipe=recipe, limit=limit)
     if not rows:
-        click.echo("no runs yet")
+        click.echo("no runs match these filters" if status or recipe else "no runs yet")
         return
     for row in rows:
         reason = f"  {row['reason']}" if row["reason"] else ""

@@ -116,8 +116,15 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _answers(items: list[QuestionAnswer] | None) -> dict[str, Any]:
-    return {qa.question: qa.answer for qa in items or [] if qa.question}
+class Answers(dict[str, Any]):
+    """Question → answer; a question the invitee left unanswered reads as ``none``, not an error."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def _answers(items: list[QuestionAnswer] | None) -> Answers:
+    return Answers({qa.question: qa.answer for qa in items or [] if qa.question})
 
 
 def _utm(tracking: Tracking | None) -> dict[str, str | None]:
@@ -149,10 +156,11 @@ def empty_context(event: str) -> dict[str, Any]:
         "event": event, "status": None, "canceled": False, "canceled_by": None, "reason": None,
         "canceler_type": None, "rescheduled": False,
         "utm": dict.fromkeys(UTM_KEYS),
-        "invitee": dict.fromkeys(INVITEE_KEYS) | {"answers": {}},
+        "invitee": dict.fromkeys(INVITEE_KEYS) | {"answers": Answers()},
         "meeting": dict.fromkeys(MEETING_KEYS),
+        # none outside invitee.rescheduled, so `{% if old %}` tells a reschedule apart.
         "old": None, "new": None,
-        "submission": dict.fromkeys(SUBMISSION_KEYS) | {"answers": {}},
+        "submission": dict.fromkeys(SUBMISSION_KEYS) | {"answers": Answers()},
         "payload": {}, "steps": {},
     }
 

@@ -259,7 +259,7 @@ def _compile_step(
         report((*loc, "offset"), f"steps.{spec.id}.offset: only goes with at")
     condition = _condition(spec.if_, (*loc, "if"), templates, earlier, report)
 
-    fields = action.input_model.model_fields
+    fields = action.inputs()
     kinds = action.render_kinds()
     for name, info in fields.items():
         if info.is_required() and name not in spec.with_:

@@ -1,0 +1,284 @@
+"""Rendering: event values escaped for where they land, strict about typos, sandboxed.
+
+Also the template context built from every shipped sample webhook (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jinja2.exceptions import SecurityError, UndefinedError
+
+from connectors.base import ConnectorRegistry, RenderAs
+from tests.harness import FIXTURES
+from workers.events import Envelope, build_context
+from workers.recipes import Step, load_recipe
+from workers.samples import sample_names
+from workers.templating import TOP_NAMES, Templates
+
+HOSTILE_NAME = "<script>alert(1)</script>\r\nBcc: victim@example.com"
+
+
+def sample(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def context_of(body: dict[str, Any] | str) -> dict[str, Any]:
+    raw = (FIXTURES / f"{body}.json").read_text() if isinstance(body, str) else json.dumps(body)
+    return build_context(Envelope.model_validate_json(raw))
+
+
+def compiled_step(tmp_path: Path, with_block: str, use: str = "email.send") -> Step:
+    """The one step of a recipe written to disk and loaded like any other."""
+    registry = ConnectorRegistry.discover()
+    registry.configure({}, base_dir=tmp_path)
+    path = tmp_path / "escaping.yaml"
+    path.write_text(f"on: invitee.created\nsteps:\n  - id: s\n    use: {use}\n    with:\n"
+                    + textwrap.indent(textwrap.dedent(with_block), "      "))
+    recipe, errors = load_recipe(path, registry, Templates())
+    assert errors == [] and recipe is not None, [str(e) for e in errors]
+    return recipe.steps[0]
+
+
+def hostile_booking() -> dict[str, Any]:
+    body = sample("invitee.created")
+    body["payload"].update(name=HOSTILE_NAME, first_name="<b>Jamie</b> & co")
+    return body
+
+
+def test_html_input_escapes_event_values_and_keeps_the_recipes_markup(tmp_path: Path) -> None:
+    step = compiled_step(tmp_path, """\
+        to: "{{ invitee.email }}"
+        subject: Booked
+        html: '<p class="hi">Hi {{ invitee.first_name }}</p><a href="{{ invitee.cancel_url }}">Cancel</a>'
+        text: "Hi {{ invitee.first_name }}"
+        """)
+
+    inputs = step.inputs(context_of(hostile_booking()))
+
+    assert inputs["html"] == ('<p class="hi">Hi &lt;b&gt;Jamie&lt;/b&gt; &amp; co</p>'
+                              '<a href="https://vivocalendar.com/cancellations/AAAAAAAAAAAAAAA4">Cancel</a>')
+    # Plain text is not HTML: it keeps the value as the invitee typed it.
+    assert inputs["text"] == "Hi <b>Jamie</b> & co"
+
+
+def test_header_input_turns_line_breaks_from_the_event_into_spaces(tmp_path: Path) -> None:
+    step = compiled_step(tmp_path, """\
+        to: "{{ invitee.email }}"
+        subject: "Booked: {{ invitee.name }}"
+        text: hi
+        """)
+
+    inputs = step.inputs(context_of(hostile_booking()))
+
+    assert inputs["subject"] == "Booked: <script>alert(1)</script> Bcc: victim@example.com"
+    validated = step.action.input_model.model_validate(inputs)
+    assert "\n" not in validated.subject and "\r" not in validated.subject  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("breaker", ["\n", "\r", "\r\n", "\u2028", "\x0b", "\x85"])
+def test_header_kind_folds_every_line_break(breaker: str) -> None:
+    render = Templates().compile("Re: {{ v }}", RenderAs.HEADER)
+
+    assert render({"v": f"a{breaker}X-Injected: 1"}) == "Re: a X-Injected: 1"
+
+
+def test_slack_kind_escapes_event_values_and_keeps_the_authors_mentions() -> None:
+    render = Templates().compile("<!here> {{ name }} canceled (<https://x.example|{{ reason }}>)", RenderAs.SLACK)
+
+    text = render({"name": "<!channel> & friends", "reason": "a > b"})
+
+    assert text == "<!here> &lt;!channel&gt; &amp; friends canceled (<https://x.example|a &gt; b>)"
+
+
+def test_slack_kind_keeps_a_value_the_author_marked_safe() -> None:
+    render = Templates().compile("{{ mention | safe }} {{ name }}", RenderAs.SLACK)
+
+    assert render({"mention": "<@U123>", "name": "<@U999>"}) == "<@U123> &lt;@U999&gt;"
+
+
+def test_html_kind_escapes_a_value_once_not_twice() -> None:
+    render = Templates().compile("<p>{{ v }}</p>", RenderAs.HTML)
+
+    assert render({"v": "Tom & Jerry <3"}) == "<p>Tom &amp; Jerry &lt;3</p>"
+
+
+@pytest.mark.parametrize("kind", list(RenderAs))
+def test_none_renders_as_an_empty_string_in_every_kind(kind: RenderAs) -> None:
+    render = Templates().compile("[{{ value }}]", kind)
+
+    assert render({"value": None}) == "[]"
+
+
+def test_documented_names_missing_from_the_event_are_none_not_errors(tmp_path: Path) -> None:
+    step = compiled_step(tmp_path, """\
+        message: "[{{ reason }}|{{ canceled_by }}|{{ canceler_type }}|{{ submission.result }}|{{ old }}]"
+        """, use="log.write")
+
+    assert step.inputs(context_of("invitee.created")) == {"message": "[||||]"}
+    no_show = Templates().compile("{{ invitee.email }}|{{ meeting.start_time }}|{{ utm.source }}")
+    assert no_show(context_of("invitee_no_show.created")) == "||"
+
+
+def test_a_field_typo_fails_at_render_when_validation_cannot_see_it() -> None:
+    templates = Templates()
+    source = "{% set who = invitee %}{{ who.emial }}"
+    assert templates.unknown_names(source) == []
+
+    with pytest.raises(UndefinedError, match="emial"):
+        templates.compile(source)(context_of("invitee.created"))
+    with pytest.raises(UndefinedError, match="emial"):
+        templates.compile("{{ invitee.emial }}")(context_of("invitee.created"))
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{{ lipsum.__globals__['os'] }}",
+    "{{ joiner.__init__.__globals__.__builtins__ }}",
+    "{{ invitee.__class__.__base__ }}",
+    "{{ invitee.update({'email': 'attacker@example.com'}) }}",
+    "{{ self._TemplateReference__context }}",
+])
+@pytest.mark.parametrize("kind", [RenderAs.TEXT, RenderAs.HTML])
+def test_sandbox_refuses_python_internals(source: str, kind: RenderAs) -> None:
+    render = Templates().compile(source, kind)
+    ctx = context_of("invitee.created")
+
+    with pytest.raises((SecurityError, UndefinedError)):
+        render(ctx)
+    assert ctx["invitee"]["email"] == "jamie.rivera@example.com"
+
+
+def test_conditions_run_in_the_sandbox_too() -> None:
+    condition = Templates().compile_condition("''.__class__.__mro__")
+
+    with pytest.raises((SecurityError, UndefinedError)):
+        condition(**context_of("invitee.created"))
+
+
+# --- the context of every shipped sample -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sample_names())
+def test_every_shipped_sample_gives_every_documented_name(name: str) -> None:
+    body = sample(name)
+
+    ctx = context_of(name)
+
+    assert TOP_NAMES <= set(ctx)
+    assert ctx["event"] == body["event"]
+    assert ctx["payload"] == body["payload"]
+    assert set(ctx["utm"]) == {"source", "medium", "campaign", "content", "term"}
+    assert isinstance(ctx["invitee"]["answers"], dict)
+    # Every name renders, whatever the event.
+    rendered = Templates().compile("{{ status }}{{ reason }}{{ utm.term }}{{ meeting.name }}{{ submission.answers }}")
+    assert isinstance(rendered(ctx), str)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("invitee.canceled", {"status": "canceled", "canceled": True, "canceled_by": "Jamie Rivera",
+                          "reason": "I have a conflict that day", "canceler_type": "invitee", "rescheduled": False}),
+    ("invitee.canceled.by_host", {"status": "canceled", "canceled": True, "canceled_by": "Morgan Lee",
+                                  "reason": "Out sick, sorry!", "canceler_type": "host", "rescheduled": False}),
+    ("invitee.canceled.rescheduled", {"canceled": True, "rescheduled": True, "reason": "Rescheduled"}),
+    ("invitee.created", {"status": "active", "canceled": False, "canceled_by": None, "reason": None,
+                         "canceler_type": None, "rescheduled": False}),
+    ("invitee.created.rescheduled", {"status": "active", "canceled": False, "rescheduled": False}),
+])
+def test_cancellation_facts_come_from_the_payload(name: str, expected: dict[str, Any]) -> None:
+    ctx = context_of(name)
+
+    assert {key: ctx[key] for key in expected} == expected
+
+
+def test_invitee_meeting_and_utm_of_a_booking() -> None:
+    ctx = context_of("invitee.created")
+
+    assert ctx["utm"] == {"source": "linkedin", "medium": "social", "campaign": "spring-launch",
+                          "content": "carousel-2", "term": "scheduling"}
+    invitee = ctx["invitee"]
+    assert (invitee["name"], invitee["first_name"], invitee["email"], invitee["timezone"]) == (
+        "Jamie Rivera", "Jamie", "jamie.rivera@example.com", "America/New_York")
+    assert invitee["answers"] == {
+        "Company": "Rivera Consulting", "What would you like to discuss?": "Pricing for 20 seats",
+    }
+    meeting = ctx["meeting"]
+    assert meeting["name"] == "Discovery Call"
+    assert meeting["start_time"] == datetime(2027, 3, 4, 15, 0, tzinfo=UTC)
+    assert meeting["start_time"].tzinfo is not None and meeting["end_time"].utcoffset() is not None
+    assert meeting["uri"] == "https://api.vivocalendar.com/scheduled_events/AAAAAAAAAAAAAAA1"
+    assert meeting["location"]["join_url"] == "https://zoom.example.com/j/123"
+
+
+def test_no_show_names_its_invitee_by_uri() -> None:
+    ctx = context_of("invitee_no_show.created")
+
+    assert ctx["invitee"]["uri"] == sample("invitee_no_show.created")["payload"]["invitee"]
+    assert ctx["invitee"]["email"] is None and ctx["canceled"] is False
+
+
+def test_routing_form_submission_fills_submission_and_utm() -> None:
+    ctx = context_of("routing_form_submission.created")
+
+    assert ctx["submission"]["answers"] == {
+        "Company size": "51-200", "Email": "taylor@example.com", "Which product?": "Teams",
+    }
+    assert ctx["submission"]["result"] == {
+        "type": "event_type", "value": "https://api.vivocalendar.com/event_types/AAAAAAAAAAAAAAAD",
+    }
+    assert ctx["submission"]["submitter"] is None
+    assert (ctx["utm"]["source"], ctx["utm"]["campaign"], ctx["utm"]["term"]) == ("newsletter", "spring", None)
+    assert ctx["invitee"]["email"] is None and ctx["status"] is None
+
+
+def test_older_flat_cancellation_fields_are_still_read() -> None:
+    body = sample("invitee.canceled")
+    del body["payload"]["cancellation"]
+    body["payload"].update(status=None, canceled=True, canceled_by="Morgan Lee", reason="Double booked",
+                           canceler_type="host")
+
+    ctx = context_of(body)
+
+    assert (ctx["canceled"], ctx["canceled_by"], ctx["reason"], ctx["canceler_type"]) == (
+        True, "Morgan Lee", "Double booked", "host")
+
+
+def test_unknown_extra_fields_are_tolerated_everywhere() -> None:
+    body = sample("invitee.canceled")
+    body["brand_new_envelope_field"] = {"x": 1}
+    payload = body["payload"]
+    payload["brand_new_payload_field"] = [1, 2, 3]
+    payload["tracking"]["utm_new"] = "x"
+    payload["scheduled_event"]["meeting_notes_html"] = "<p>hi</p>"
+    payload["cancellation"]["cancel_source"] = "api"
+    payload["questions_and_answers"][0]["question_uuid"] = "e98559a0"
+
+    ctx = context_of(body)
+
+    assert (ctx["reason"], ctx["utm"]["source"], ctx["meeting"]["name"]) == (
+        "I have a conflict that day", "linkedin", "Discovery Call")
+    assert ctx["invitee"]["answers"]["Company"] == "Rivera Consulting"
+    assert ctx["payload"]["brand_new_payload_field"] == [1, 2, 3]
+
+
+def test_null_fields_give_none_values_that_still_render() -> None:
+    body = sample("invitee.canceled")
+    body["payload"].update(tracking=None, questions_and_answers=None, scheduled_event=None, cancellation=None,
+                           name=None, first_name=None, rescheduled=None, timezone=None, event=None)
+
+    ctx = context_of(body)
+
+    assert ctx["utm"] == dict.fromkeys(["source", "medium", "campaign", "content", "term"])
+    assert ctx["invitee"]["answers"] == {} and ctx["invitee"]["name"] is None
+    assert ctx["meeting"] == dict.fromkeys(["name", "start_time", "end_time", "location", "uri"])
+    assert (ctx["canceled"], ctx["rescheduled"], ctx["reason"]) == (True, False, None)
+    render = Templates().compile("Hi {{ invitee.first_name or invitee.name }}{{ utm.source }}{{ meeting.name }}!",
+                                 RenderAs.HEADER)
+    assert render(ctx) == "Hi !"
