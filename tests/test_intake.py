@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from tests.harness import SIGNING_KEY, Vivoflow, fixture_body
 from workers.broker import EmbeddedRedis
+from workers.config import SIGNING_KEY_FILE
 from workers.signing import sign
 from workers.store import deliveries
 
@@ -188,6 +189,17 @@ def test_extra_signing_keys_are_accepted_alongside_the_main_one(start_intake: Ca
     assert (with_second.status_code, with_main.status_code) == (202, 202)
     assert_error(with_unknown, 401)
     assert stored_deliveries(flow) == 2
+
+
+def test_the_key_vivoflow_subscribe_stored_is_accepted(start_intake: Callable[..., Vivoflow]) -> None:
+    flow = start_intake()
+    assert_error(flow.post(fixture_body("invitee.canceled"), key="subscribed-key"), 401)
+
+    # Where `vivoflow subscribe` keeps the key it generated; the running intake picks it up.
+    (flow.config.broker.data_dir / SIGNING_KEY_FILE).write_text("subscribed-key\n")
+
+    assert flow.post(fixture_body("invitee.canceled"), key="subscribed-key").status_code == 202
+    assert flow.post(fixture_body("invitee.created")).status_code == 202
 
 
 # -- body size (413) --------------------------------------------------------------------------------

@@ -17,16 +17,13 @@ from dramatiq.brokers.redis import RedisBroker
 from connectors.base import ConnectorRegistry
 from workers.actors import declare_actors, enqueue_resume
 from workers.broker import make_broker, redis_url
-from workers.config import Config
+from workers.config import SIGNING_KEY_FILE, Config
 from workers.engine import Engine, Redactor, RetryPolicy
 from workers.recipes import RecipeFolder
 from workers.store import Store
 from workers.templating import Templates
 
 log = logging.getLogger("vivoflow")
-
-#: The file in ``broker.data_dir`` holding the signing key ``vivoflow subscribe`` generated.
-SIGNING_KEY_FILE = "vivocalendar-signing-key"
 
 
 class App:

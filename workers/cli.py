@@ -21,6 +21,7 @@ import yaml
 
 from workers.config import Config, load_config
 from workers.errors import ConfigError, RecipeError, VivoflowError
+from workers.vivocalendar_cli import sso_link, subscribe, subscriptions
 
 log = logging.getLogger("vivoflow")
 
@@ -331,6 +332,10 @@ def runs_show(ctx: Ctx, run_id: str) -> None:
             click.echo("    output: " + json.dumps(step["output"], ensure_ascii=False))
         if step["error"]:
             click.echo(f"    error: {step['error']}")
+
+
+for _command in (subscribe, subscriptions, sso_link):
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

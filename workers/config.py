@@ -18,6 +18,9 @@ from connectors.base import ConfigPath
 from workers.errors import ConfigError
 
 DEFAULT_CONFIG = "config.yaml"
+#: The file in ``broker.data_dir`` holding the signing key ``vivoflow subscribe`` generated;
+#: the intake accepts it beside the configured ones.
+SIGNING_KEY_FILE = "vivocalendar-signing-key"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
