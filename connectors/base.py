@@ -204,6 +204,12 @@ class ConnectorRegistry:
             except ValueError as exc:
                 raise ConfigError(validation_message(exc, prefix=f"connectors.{name}")) from None
 
+    def config_of(self, name: str) -> ConnectorConfig | None:
+        """A connector's validated config section (None if that connector is not installed)."""
+        if name not in self.classes:
+            return None
+        return self._configs.get(name) or self.classes[name].config_model.model_validate({})
+
     def find(self, use: str) -> tuple[type[Connector], ActionSpec] | None:
         """The connector class and action for ``connector.action``, or None."""
         connector_name, _, action_name = use.partition(".")
@@ -215,8 +221,7 @@ class ConnectorRegistry:
     def instance(self, name: str) -> Connector:
         """This process's instance of a connector, built on first use (clients are pooled in it)."""
         if name not in self._instances:
-            config = self._configs.get(name) or self.classes[name].config_model.model_validate({})
-            self._instances[name] = self.classes[name](config)
+            self._instances[name] = self.classes[name](self.config_of(name))
         return self._instances[name]
 
     def secrets(self) -> list[str]:

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic import Field, SecretStr, field_validator
@@ -149,8 +150,12 @@ class VivocalendarApi:
         return self.paginate("/scheduled_events", params)
 
     def event_invitees(self, event_uri: str, *, status: str | None = None) -> Iterator[dict[str, Any]]:
-        """The invitees of one scheduled event, named by its full URI."""
-        return self.paginate(self._checked(event_uri).rstrip("/") + "/invitees", {"status": status})
+        """The invitees of one scheduled event, named by its URI (or UUID).
+
+        Only the UUID is taken from it: the request goes to ``base_url`` whatever host the URI names.
+        """
+        uuid = event_uri.rstrip("/").rsplit("/", 1)[-1]
+        return self.paginate(f"/scheduled_events/{quote(uuid, safe='')}/invitees", {"status": status})
 
     # --- plumbing --------------------------------------------------------------------------
 

@@ -273,6 +273,31 @@ def simulate(ctx: Ctx, event: str, url: str | None, exact: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--since", default="24h", show_default=True, metavar="DURATION",
+              help="How far back to look for bookings and cancellations (30m, 24h, 2d…).")
+@pass_ctx
+def reconcile(ctx: Ctx, since: str) -> None:
+    """Find bookings and cancellations no webhook delivered (through the API) and run them, once."""
+    from workers.durations import parse_duration
+    from workers.reconcile import reconcile as run_reconcile
+    from workers.vivocalendar_cli import api_session
+
+    try:
+        window = parse_duration(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    config = ctx.config()
+    app = ctx.app()
+    with api_session(config) as api:
+        report = run_reconcile(app, api, since=window, horizon=config.reconcile.horizon)
+    for found in report.found:
+        where = "queued" if found.enqueued else "stored (runs when `vivoflow run` starts)"
+        click.echo(f"{found.event} {found.invitee_uri} -> {found.delivery_id} {where}")
+    click.echo(f"checked {report.checked} invitee(s) of the last {since}: "
+               f"{len(report.found)} booking event(s) no webhook delivered")
+
+
 # --- history ---------------------------------------------------------------------------------
 
 
@@ -316,7 +341,9 @@ def runs_show(ctx: Ctx, run_id: str) -> None:
     if run_ is None:
         raise VivoflowError(f"no run {run_id!r} (see `vivoflow runs`)")
     click.echo(f"run {run_['id']}: {run_['status']}{' - ' + run_['reason'] if run_['reason'] else ''}")
-    click.echo(f"  recipe {run_['recipe']}, event {run_['event']}, delivery {run_['delivery_id']}")
+    delivery = store.get_delivery(run_["delivery_id"]) or {}
+    source = " (found by reconcile: no webhook delivered it)" if delivery.get("source") == "reconcile" else ""
+    click.echo(f"  recipe {run_['recipe']}, event {run_['event']}, delivery {run_['delivery_id']}{source}")
     click.echo(f"  created {_when(run_['created_at'])}, finished {_when(run_['finished_at'])}")
     for step in store.steps_of(run_id):
         took = ""

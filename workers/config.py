@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from connectors.base import ConfigPath
+from workers.durations import Duration
 from workers.errors import ConfigError
 
 DEFAULT_CONFIG = "config.yaml"
@@ -79,6 +81,17 @@ class WorkersConfig(_Section):
     threads: int = Field(8, ge=1)
 
 
+class ReconcileConfig(_Section):
+    """Background reconciliation through the Vivocalendar API (when connectors.vivocalendar.token is set)."""
+
+    #: How often ``run``/``serve`` reconcile; empty turns it off.
+    every: Duration | None = timedelta(minutes=15)
+    #: How far back each round looks for bookings and cancellations.
+    window: Duration = timedelta(hours=24)
+    #: How far ahead scheduled events are listed (bookings made now for later meetings).
+    horizon: Duration = timedelta(days=60)
+
+
 class AdminConfig(_Section):
     token: SecretStr = SecretStr("")
 
@@ -92,6 +105,7 @@ class Config(_Section):
     recipes: RecipesConfig = RecipesConfig()
     workers: WorkersConfig = WorkersConfig()
     admin: AdminConfig = AdminConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     connectors: dict[str, dict[str, Any] | None] = {}
     #: Folder of the config file; every relative path hangs from it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -103,7 +117,7 @@ class Config(_Section):
         # An absent (or empty) section is validated as {}: a class-level default instance would
         # skip validation, leaving e.g. recipes.dir relative to the working directory.
         if isinstance(data, dict):
-            sections = ("intake", "broker", "store", "recipes", "workers", "admin")
+            sections = ("intake", "broker", "store", "recipes", "workers", "admin", "reconcile")
             data = {**data, **{name: {} for name in sections if data.get(name) is None}}
         return data
 

@@ -8,40 +8,23 @@ costs the same however many unrelated recipes there are.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from jinja2 import TemplateSyntaxError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.base import ActionSpec, ConnectorRegistry, RenderAs
+from workers.durations import Duration
 from workers.errors import RecipeError
 from workers.events import EVENTS
 from workers.templating import Templates
 from workers.yamlsource import YamlError, line_of, load_with_lines
 
 log = logging.getLogger("vivoflow.recipes")
-
-_DURATION = re.compile(r"^\s*(-?)(\d+)\s*([smhdw])\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_duration(text: str | int) -> timedelta:
-    """``30s``, ``15m``, ``24h``, ``2d`` (and ``-24h`` for offsets) as a timedelta."""
-    if isinstance(text, int):
-        return timedelta(seconds=text)
-    match = _DURATION.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a duration: write e.g. 30s, 15m, 24h or 2d")
-    sign, amount, unit = match.groups()
-    delta = timedelta(**{_UNITS[unit]: int(amount)})
-    return -delta if sign else delta
-
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -56,17 +39,12 @@ class StepSpec(_Spec):
     use: str
     if_: str | None = Field(None, alias="if")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
-    delay: timedelta | None = None
+    delay: Duration | None = None
     at: str | None = None
-    offset: timedelta | None = None
+    offset: Duration | None = None
     retry: RetrySpec | None = None
     on_error: Literal["stop", "continue"] = "stop"
     skip_if_canceled: bool = True
-
-    @field_validator("delay", "offset", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
 
 
 class RecipeSpec(_Spec):

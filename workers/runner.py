@@ -18,11 +18,13 @@ from pathlib import Path
 import dramatiq
 import uvicorn
 
+from connectors.vivocalendar import VivocalendarApi, VivocalendarConfig
 from workers.actors import enqueue_delivery
 from workers.app import App
 from workers.broker import EmbeddedRedis
 from workers.config import Config
 from workers.intake import create_intake
+from workers.reconcile import Reconciler
 
 log = logging.getLogger("vivoflow")
 
@@ -31,14 +33,32 @@ BROKER_URL_ENV = "VIVOFLOW_BROKER_URL"
 
 
 def serve(app: App) -> None:
-    """Run the intake until SIGINT/SIGTERM."""
+    """Run the intake (and background reconciliation, when a token is set) until SIGINT/SIGTERM."""
     intake = app.config.intake
     log.info("intake listening on http://%s:%s%s", intake.host, intake.port, intake.path)
     server = uvicorn.Server(uvicorn.Config(
         create_intake(app), host=intake.host, port=intake.port, log_level="warning", access_log=False,
         lifespan="off", timeout_graceful_shutdown=10,
     ))
-    server.run()
+    reconciler = start_reconciler(app)
+    try:
+        server.run()
+    finally:
+        if reconciler:
+            reconciler.stop()
+
+
+def start_reconciler(app: App) -> Reconciler | None:
+    """Reconcile now and every ``reconcile.every``, if a Vivocalendar token is configured."""
+    settings = app.registry.config_of("vivocalendar")
+    every = app.config.reconcile.every
+    if not every or not isinstance(settings, VivocalendarConfig) or not settings.token.get_secret_value():
+        return None
+    reconciler = Reconciler(app, lambda: VivocalendarApi.from_config(settings), every=every,
+                            window=app.config.reconcile.window, horizon=app.config.reconcile.horizon)
+    reconciler.start()
+    log.info("reconciling with the Vivocalendar API every %s", every)
+    return reconciler
 
 
 def work(app: App, threads: int, stop: threading.Event) -> None:
