@@ -22,7 +22,6 @@ import yaml
 from tests.smtp_server import free_port
 from workers.app import App
 from workers.config import load_config
-from workers.engine import RetryPolicy
 from workers.intake import create_intake
 from workers.signing import sign
 
@@ -40,6 +39,8 @@ def write_config(folder: Path, *, redis_url: str, namespace: str, smtp_port: int
         email["port"] = smtp_port
     config: dict[str, Any] = {
         "intake": {"host": "127.0.0.1", "port": free_port(), "signing_key": SIGNING_KEY},
+        # Retries within a test's patience.
+        "workers": {"retry_min_backoff_seconds": 0.05, "retry_max_backoff_seconds": 0.2},
         "broker": {"url": redis_url, "namespace": namespace},
         "store": {"url": "sqlite:///data/vivoflow.db"},
         "recipes": {"dir": "recipes"},
@@ -80,9 +81,8 @@ class Vivoflow:
     def __init__(self, config_path: Path, *, worker: bool = True, threads: int = 4) -> None:
         self.config_path = config_path
         self.config = load_config(config_path)
-        retry = RetryPolicy(min_seconds=0.05, max_seconds=0.2)
-        self.intake_app = App(self.config, retry=retry)
-        self.worker_app = App(self.config, retry=retry) if worker else None
+        self.intake_app = App(self.config)
+        self.worker_app = App(self.config) if worker else None
         self.threads = threads
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

@@ -13,7 +13,8 @@ import pytest
 
 from connectors.base import ConnectorRegistry
 from tests.harness import wait_until
-from workers.recipes import Recipe, RecipeFolder, load_book, load_recipe, parse_duration, recipe_files
+from workers.durations import parse_duration
+from workers.recipes import Recipe, RecipeFolder, load_book, load_recipe, recipe_files
 from workers.templating import Templates
 from workers.yamlsource import load_with_lines
 

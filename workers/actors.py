@@ -1,4 +1,4 @@
-"""The queue's two actors, bound to an engine: process a delivery, resume a run.
+"""The queue's actors, bound to an engine: process a delivery, resume a run, replay a delivery.
 
 Messages carry ids only; the store holds the data. The intake only enqueues
 (it needs no actor code), workers declare the actors and run them.
@@ -6,44 +6,100 @@ Messages carry ids only; the store holds the data. The intake only enqueues
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import dramatiq
-from dramatiq import Broker, Message
+from dramatiq import Broker, Message, Middleware
+from dramatiq.middleware import Retries
 
 from workers.engine import Engine
+from workers.errors import Busy
+from workers.store import Store
+
+log = logging.getLogger("vivoflow.actors")
 
 QUEUE = "vivoflow"
 PROCESS_DELIVERY = "process_delivery"
 RESUME_RUN = "resume_run"
+REPLAY_DELIVERY = "replay_delivery"
 
 #: Dramatiq's own retries cover what is not a step's outcome (the store briefly
-#: unreachable, a bug): a message is tried again with backoff, then dead-lettered.
+#: unreachable, a bug): a message is tried again with backoff, then dead-lettered
+#: and recorded as failed (RecordDeadLetters).
 ACTOR_OPTIONS = {"max_retries": 20, "min_backoff": 1_000, "max_backoff": 300_000}
 
+#: The longest a message waits in the broker's delay queue. A longer delay is split:
+#: the run wakes up, sees its step is not due yet, and goes back to sleep. Workers hold
+#: delayed messages in memory, so days-long delays must not sit there whole.
+MAX_DELAY_MS = 3_600_000
 
-def enqueue_delivery(broker: Broker, delivery_id: str) -> None:
-    """Put a stored delivery on the queue (from the intake, which declares no actors)."""
+
+def _enqueue(broker: Broker, actor: str, args: tuple[Any, ...], delay_ms: int = 0) -> None:
     broker.declare_queue(QUEUE)
-    broker.enqueue(Message(
-        queue_name=QUEUE, actor_name=PROCESS_DELIVERY, args=(delivery_id,), kwargs={}, options={},
-    ))
+    message = Message(queue_name=QUEUE, actor_name=actor, args=args, kwargs={}, options={})
+    broker.enqueue(message, delay=min(max(delay_ms, 0), MAX_DELAY_MS) or None)
+
+
+def enqueue_delivery(broker: Broker, delivery_id: str, delay_ms: int = 0) -> None:
+    """Put a stored delivery on the queue (from the intake, which declares no actors)."""
+    _enqueue(broker, PROCESS_DELIVERY, (delivery_id,), delay_ms)
 
 
 def enqueue_resume(broker: Broker, run_id: str, delay_ms: int) -> None:
     """Hand a run back to the queue, to continue after ``delay_ms``."""
-    broker.declare_queue(QUEUE)
-    broker.enqueue(
-        Message(queue_name=QUEUE, actor_name=RESUME_RUN, args=(run_id,), kwargs={}, options={}),
-        delay=max(delay_ms, 0) or None,
-    )
+    _enqueue(broker, RESUME_RUN, (run_id,), delay_ms)
+
+
+def enqueue_replay(broker: Broker, delivery_id: str, replay_id: str, recipe: str | None = None) -> None:
+    _enqueue(broker, REPLAY_DELIVERY, (delivery_id, replay_id, recipe))
+
+
+class RecordDeadLetters(Middleware):
+    """A message Dramatiq gives up on leaves a failed run behind, never only a dead letter."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def after_process_message(self, broker: Broker, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        if exception is None or not message.failed:
+            return
+        reason = f"gave up after {message.options.get('retries', 0)} tries: {type(exception).__name__}: {exception}"
+        try:
+            if message.actor_name == RESUME_RUN:
+                self.store.finish_run(message.args[0], "failed", reason)
+            elif message.actor_name in (PROCESS_DELIVERY, REPLAY_DELIVERY):
+                delivery_id = message.args[0]
+                self.store.ensure_run(run_key=f"{delivery_id}:dead-letter:{message.message_id}",
+                                      delivery_id=delivery_id, recipe="(delivery)", event="(processing)",
+                                      status="failed", reason=reason)
+        except Exception:  # noqa: BLE001 - the store may be what failed; the log keeps the trace
+            log.exception("could not record the dead letter %s", message.message_id)
+        log.error("message %s (%s %s) dead-lettered: %s", message.message_id, message.actor_name,
+                  message.args, reason)
 
 
 def declare_actors(broker: Broker, engine: Engine) -> None:
     """Declare the actors on ``broker``, closing over ``engine`` (no global broker)."""
-    dramatiq.Actor(
-        engine.process_delivery, broker=broker, actor_name=PROCESS_DELIVERY, queue_name=QUEUE,
-        priority=0, options=ACTOR_OPTIONS,
-    )
-    dramatiq.Actor(
-        engine.resume_run, broker=broker, actor_name=RESUME_RUN, queue_name=QUEUE,
-        priority=0, options=ACTOR_OPTIONS,
-    )
+
+    def process_delivery(delivery_id: str) -> None:
+        try:
+            engine.process_delivery(delivery_id)
+        except Busy as busy:
+            # Another worker holds this invitee: come back shortly, without spending a retry.
+            enqueue_delivery(broker, delivery_id, busy.delay_ms)
+
+    def resume_run(run_id: str) -> None:
+        engine.resume_run(run_id)
+
+    def replay_delivery(delivery_id: str, replay_id: str, recipe: str | None = None) -> None:
+        try:
+            engine.replay_delivery(delivery_id, replay_id, recipe)
+        except Busy as busy:
+            _enqueue(broker, REPLAY_DELIVERY, (delivery_id, replay_id, recipe), busy.delay_ms)
+
+    broker.add_middleware(RecordDeadLetters(engine.store), before=Retries)
+    for fn, name in ((process_delivery, PROCESS_DELIVERY), (resume_run, RESUME_RUN),
+                     (replay_delivery, REPLAY_DELIVERY)):
+        dramatiq.Actor(fn, broker=broker, actor_name=name, queue_name=QUEUE, priority=0, options=ACTOR_OPTIONS)

@@ -29,10 +29,9 @@ log = logging.getLogger("vivoflow")
 class App:
     """One vivoflow process's parts, built lazily from config."""
 
-    def __init__(self, config: Config, *, broker_url: str | None = None, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, config: Config, *, broker_url: str | None = None) -> None:
         self.config = config
         self._broker_url = broker_url
-        self.retry = retry
         self.registry = ConnectorRegistry.discover()
         self.registry.configure(config.connectors, base_dir=config.base_dir)
         self.templates = Templates()
@@ -47,7 +46,8 @@ class App:
     @cached_property
     def broker(self) -> RedisBroker:
         url = redis_url(self.config.broker, self._broker_url)
-        return make_broker(url, namespace=self.config.broker.namespace)
+        return make_broker(url, namespace=self.config.broker.namespace,
+                           heartbeat_timeout_seconds=self.config.broker.heartbeat_timeout_seconds)
 
     @cached_property
     def recipes(self) -> RecipeFolder:
@@ -78,10 +78,13 @@ class App:
 
     @cached_property
     def engine(self) -> Engine:
+        workers = self.config.workers
         return Engine(
             self.store, self.registry, self.recipes,
             schedule=lambda run_id, delay: enqueue_resume(self.broker, run_id, delay),
-            redact=Redactor(self.secrets()), retry=self.retry,
+            redact=Redactor(self.secrets()),
+            retry=RetryPolicy(workers.retry_min_backoff_seconds, workers.retry_max_backoff_seconds),
+            lease_seconds=workers.step_lease_seconds,
         )
 
     def declare_actors(self) -> None:

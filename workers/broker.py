@@ -130,7 +130,7 @@ def discover_embedded(data_dir: Path) -> str | None:
     return url
 
 
-def make_broker(url: str, *, namespace: str) -> RedisBroker:
+def make_broker(url: str, *, namespace: str, heartbeat_timeout_seconds: float = 60.0) -> RedisBroker:
     """Dramatiq's RedisBroker with the middleware vivoflow relies on.
 
     Retries are vivoflow's own (per step, in the engine); Dramatiq's Retries
@@ -141,4 +141,7 @@ def make_broker(url: str, *, namespace: str) -> RedisBroker:
         client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
     except ValueError as exc:
         raise ConfigError(f"broker.url: {exc}") from None
-    return RedisBroker(client=client, namespace=namespace, middleware=middleware)
+    # Maintenance (requeueing a dead worker's messages) runs on 1 in `maintenance_chance`
+    # fetches; idle workers fetch ~10 times a second, so 1/100 means every few seconds.
+    return RedisBroker(client=client, namespace=namespace, middleware=middleware,
+                       heartbeat_timeout=int(heartbeat_timeout_seconds * 1000), maintenance_chance=100)

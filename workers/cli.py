@@ -298,6 +298,58 @@ def reconcile(ctx: Ctx, since: str) -> None:
                f"{len(report.found)} booking event(s) no webhook delivered")
 
 
+@cli.command()
+@click.argument("delivery_id", required=False)
+@click.option("--run", "run_id", metavar="RUN_ID", help="Replay one run instead of a whole delivery.")
+@click.option("--resume", is_flag=True, help="With --run: re-run only its steps that did not succeed (the default).")
+@click.option("--force", is_flag=True, help="With --run: re-run every step, succeeded ones too, as a new run.")
+@click.option("--failed", is_flag=True, help="Resume every failed run of the last --since.")
+@click.option("--since", default="24h", show_default=True, metavar="DURATION", help="With --failed: how far back.")
+@click.option("--rate", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="With --failed: at most this many replays a second.")
+@click.option("--recipe", help="Replay only this recipe's run(s).")
+@click.option("--by", "who", default=None, help="Who asks (recorded; default: your user name).")
+@pass_ctx
+def replay(ctx: Ctx, delivery_id: str | None, run_id: str | None, resume: bool, force: bool, failed: bool,
+           since: str, rate: float, recipe: str | None, who: str | None) -> None:
+    """Run a stored delivery again against today's recipes, or resume failed runs.
+
+    \b
+    vivoflow replay DELIVERY_ID            new runs of every matching recipe, linked to the old ones
+    vivoflow replay --run RUN_ID           the steps of a failed run that did not succeed
+    vivoflow replay --run RUN_ID --force   every step again, as a new run
+    vivoflow replay --failed --since 24h   resume every recent failed run, --rate per second
+    """
+    import getpass
+
+    from workers.replay import Replayer
+
+    modes = [bool(delivery_id), bool(run_id), failed]
+    if sum(modes) != 1:
+        raise click.UsageError("give exactly one of DELIVERY_ID, --run RUN_ID or --failed")
+    if (resume or force) and not run_id:
+        raise click.UsageError("--resume and --force go with --run")
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
+    replayer = Replayer(ctx.app(), who=who or getpass.getuser())
+    if delivery_id:
+        click.echo(replayer.delivery(delivery_id, recipe=recipe))
+    elif run_id:
+        click.echo(replayer.run(run_id, force=force))
+    else:
+        from workers.durations import parse_duration
+
+        try:
+            window = parse_duration(since)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+        total = 0
+        for line in replayer.failed(window, rate=rate, recipe=recipe):
+            total += 1
+            click.echo(line)
+        click.echo(f"{total} failed run(s) resumed")
+
+
 # --- history ---------------------------------------------------------------------------------
 
 
@@ -345,6 +397,11 @@ def runs_show(ctx: Ctx, run_id: str) -> None:
     source = " (found by reconcile: no webhook delivered it)" if delivery.get("source") == "reconcile" else ""
     click.echo(f"  recipe {run_['recipe']}, event {run_['event']}, delivery {run_['delivery_id']}{source}")
     click.echo(f"  created {_when(run_['created_at'])}, finished {_when(run_['finished_at'])}")
+    if run_["replay_id"]:
+        click.echo(f"  replay {run_['replay_id']}" + (f" of run {run_['replay_of']}" if run_["replay_of"] else ""))
+    for replay_ in store.replays_of(run_id):
+        click.echo(f"  replayed ({replay_['mode']}) by {replay_['who']} at {_when(replay_['created_at'])}: "
+                   f"{replay_['id']}")
     for step in store.steps_of(run_id):
         took = ""
         if step["started_at"] and step["finished_at"]:

@@ -59,6 +59,8 @@ class BrokerConfig(_Section):
     data_dir: ConfigPath = Field(Path("data"), validate_default=True)
     #: Key prefix in Redis, so several vivoflows (or tests) can share one server.
     namespace: str = "vivoflow"
+    #: After this long without a heartbeat, a worker is taken for dead and its messages are requeued.
+    heartbeat_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -79,6 +81,12 @@ class RecipesConfig(_Section):
 class WorkersConfig(_Section):
     processes: int = Field(1, ge=0)
     threads: int = Field(8, ge=1)
+    #: Backoff of a step's retryable errors: exponential from the first, jittered, capped.
+    retry_min_backoff_seconds: float = Field(15.0, gt=0)
+    retry_max_backoff_seconds: float = Field(3600.0, gt=0)
+    #: How long a step (or an invitee's lock) held by a worker that vanished stays held; longer
+    #: than any connector's timeout, so a live worker is never overtaken.
+    step_lease_seconds: float = Field(120.0, gt=0)
 
 
 class ReconcileConfig(_Section):

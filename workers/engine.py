@@ -22,8 +22,9 @@ from jinja2 import TemplateError
 from pydantic import ValidationError
 
 from connectors.base import ActionCall, ConnectorRegistry
+from workers.bookings import Bookings, ReschedulePair
 from workers.errors import PermanentStepError, RetryableStepError
-from workers.events import Envelope, build_context
+from workers.events import RESCHEDULED, Envelope, build_context, build_rescheduled_context
 from workers.recipes import Recipe, RecipeFolder, Step
 from workers.store import Store
 
@@ -35,8 +36,7 @@ STEP_LEASE_SECONDS = 120.0
 
 Schedule = Callable[[str, int], None]  # (run_id, delay in milliseconds)
 
-#: Events that happen once per invitee URI (a reschedule makes a new invitee).
-BOOKING_EVENTS = ("invitee.created", "invitee.canceled")
+
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class Engine:
         schedule: Schedule,
         redact: Redactor,
         retry: RetryPolicy | None = None,
+        lease_seconds: float = STEP_LEASE_SECONDS,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -92,6 +93,8 @@ class Engine:
         self.schedule = schedule
         self.redact = redact
         self.retry = retry or RetryPolicy()
+        self.lease_seconds = lease_seconds
+        self.bookings = Bookings(store, lease_seconds=lease_seconds)
 
     # entry points -----------------------------------------------------------
 
@@ -100,57 +103,103 @@ class Engine:
         self.run_delivery(delivery_id)
 
     def run_delivery(self, delivery_id: str) -> list[str]:
-        """Create (or resume) one run per matching recipe and execute it; returns the run ids."""
+        """Create (or resume) one run per matching recipe and execute it; returns the run ids.
+
+        Raises ``Busy`` when another worker is processing the same invitee.
+        """
         delivery = self.store.get_delivery(delivery_id)
         if delivery is None:
             log.warning("delivery %s not found; nothing to do", delivery_id)
             return []
         envelope = Envelope.model_validate_json(delivery["body"])
-        if not self._first_of_its_booking_event(delivery):
-            return []
-        book = self.recipes.current()
-        run_ids = []
-        for recipe in book.matching(envelope.event):
-            run = self.store.ensure_run(
-                run_key=f"{delivery_id}:{recipe.name}", delivery_id=delivery_id,
-                recipe=recipe.name, event=envelope.event,
-            )
-            run_ids.append(run["id"])
-            if run["status"] in ("queued", "running"):
-                self._execute(run, recipe, delivery, envelope)
-        self.store.mark_processed(delivery_id)
+        with self.bookings.in_order(delivery):
+            if (original := self.bookings.duplicate_of(delivery)) is not None:
+                self.store.mark_duplicate(delivery_id, original)
+                log.info("delivery %s repeats %s (%s): not run again", delivery_id, original, delivery["event"])
+                return []
+            superseded = self.bookings.superseded_by(delivery)
+            skip = f"superseded: the invitee canceled ({superseded}) before this booking was processed"
+            run_ids = self._run_recipes(delivery, envelope.event, build_context(envelope), key=delivery_id,
+                                        skip_reason=skip if superseded else None)
+            pair = self.bookings.reschedule_pair(delivery, envelope)
+            if pair and self.bookings.claim_reschedule(pair, delivery_id):
+                log.info("delivery %s completes the reschedule of %s", delivery_id, pair.old_uri)
+                run_ids += self._run_recipes(delivery, RESCHEDULED, self._rescheduled_context(pair),
+                                             key=f"{delivery_id}:rescheduled")
+            self.store.mark_processed(delivery_id)
         return run_ids
 
-    def _first_of_its_booking_event(self, delivery: dict[str, Any]) -> bool:
-        """An invitee is booked once and canceled at most once: the second delivery of either
-        (a webhook the sender retried with a new timestamp, or one reconciliation found first)
-        is recorded as a duplicate and runs nothing."""
-        if delivery["event"] not in BOOKING_EVENTS or not delivery["invitee_uri"]:
-            return True
-        owner = self.store.claim(f"booking:{delivery['event']}:{delivery['invitee_uri']}", delivery["id"])
-        if owner == delivery["id"]:
-            return True
-        self.store.mark_duplicate(delivery["id"], owner)
-        log.info("delivery %s is the same %s as %s: not run again", delivery["id"], delivery["event"], owner)
-        return False
+    def replay_delivery(self, delivery_id: str, replay_id: str, recipe: str | None = None) -> list[str]:
+        """Run a stored delivery again against today's recipes, as new runs linked to the old ones."""
+        delivery = self.store.get_delivery(delivery_id)
+        if delivery is None:
+            return []
+        envelope = Envelope.model_validate_json(delivery["body"])
+        earlier = self.store.runs_of_delivery(delivery_id)
+        with self.bookings.in_order(delivery):
+            run_ids = self._run_recipes(delivery, envelope.event, build_context(envelope),
+                                        key=f"{delivery_id}:replay:{replay_id}", only=recipe, replay_id=replay_id,
+                                        earlier=earlier)
+            pair = self.bookings.reschedule_pair(delivery, envelope)
+            if pair and any(r["event"] == RESCHEDULED for r in earlier):
+                run_ids += self._run_recipes(delivery, RESCHEDULED, self._rescheduled_context(pair),
+                                             key=f"{delivery_id}:rescheduled:replay:{replay_id}", only=recipe,
+                                             replay_id=replay_id, earlier=earlier)
+        return run_ids
 
     def resume_run(self, run_id: str) -> None:
-        """Continue a run whose step was waiting (a delay, or a retry's backoff)."""
+        """Continue a run whose step was waiting (a delay, a retry's backoff, or a replay --resume)."""
         run = self.store.get_run(run_id)
         if run is None or run["status"] in ("succeeded", "failed", "skipped"):
             return
         delivery = self.store.get_delivery(run["delivery_id"])
-        recipe = self.recipes.current().recipes.get(run["recipe"])
+        # The recipe as the run recorded it: a delayed step keeps the version it was scheduled with.
+        recipe = self.recipes.pinned(run["recipe"], run["recipe_source"])
         if delivery is None or recipe is None:
-            self.store.finish_run(run_id, "failed", f"recipe {run['recipe']!r} is no longer loaded")
+            self.store.finish_run(run_id, "failed", f"recipe {run['recipe']!r} can no longer be loaded")
             return
-        self._execute(run, recipe, delivery, Envelope.model_validate_json(delivery["body"]))
+        envelope = Envelope.model_validate_json(delivery["body"])
+        ctx = build_context(envelope)
+        if run["event"] == RESCHEDULED:
+            pair = self.bookings.reschedule_pair(delivery, envelope)
+            if pair is None:
+                self.store.finish_run(run_id, "failed", "the other half of the reschedule is gone from the store")
+                return
+            ctx = self._rescheduled_context(pair)
+        self._execute(run, recipe, ctx, delivery)
+
+    # runs of one delivery -----------------------------------------------------
+
+    def _run_recipes(
+        self, delivery: dict[str, Any], event: str, ctx: dict[str, Any], *, key: str,
+        skip_reason: str | None = None, only: str | None = None, replay_id: str | None = None,
+        earlier: list[dict[str, Any]] | None = None,
+    ) -> list[str]:
+        run_ids = []
+        for recipe in self.recipes.current().matching(event):
+            if only is not None and recipe.name != only:
+                continue
+            replay_of = next((r["id"] for r in earlier or [] if r["recipe"] == recipe.name and r["event"] == event),
+                             None)
+            run = self.store.ensure_run(
+                run_key=f"{key}:{recipe.name}", delivery_id=delivery["id"], recipe=recipe.name, event=event,
+                recipe_source=recipe.source, replay_of=replay_of, replay_id=replay_id,
+                status="skipped" if skip_reason else "queued", reason=skip_reason,
+            )
+            run_ids.append(run["id"])
+            if run["status"] in ("queued", "running"):
+                self._execute(run, recipe, {**ctx, "steps": {}}, delivery)
+        return run_ids
+
+    def _rescheduled_context(self, pair: ReschedulePair) -> dict[str, Any]:
+        return build_rescheduled_context(
+            Envelope.model_validate_json(pair.canceled["body"]), Envelope.model_validate_json(pair.created["body"])
+        )
 
     # one run ----------------------------------------------------------------
 
-    def _execute(self, run: dict[str, Any], recipe: Recipe, delivery: dict[str, Any], envelope: Envelope) -> None:
+    def _execute(self, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any], delivery: dict[str, Any]) -> None:
         run_id = run["id"]
-        ctx = build_context(envelope)
         if recipe.condition is not None:
             try:
                 matched = recipe.condition(**ctx)
@@ -213,12 +262,12 @@ class Engine:
 
         attempt = self.store.claim_step(
             run_id=run_id, step_id=step.id, position=step.position, use=step.spec.use,
-            lease_seconds=STEP_LEASE_SECONDS,
+            lease_seconds=self.lease_seconds,
         )
         if attempt is None:
             # Another worker holds the step (a redelivered message). Look again when its
             # lease runs out: by then it has recorded the outcome, or it died and we take over.
-            self.schedule(run_id, int(STEP_LEASE_SECONDS * 1000))
+            self.schedule(run_id, int(self.lease_seconds * 1000))
             return "waiting"
         try:
             raw = step.inputs(ctx)

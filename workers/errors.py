@@ -56,3 +56,11 @@ class PermanentStepError(StepError):
 
 class ServiceUnavailable(VivoflowError):
     """The broker or the store does not answer; the intake says 503."""
+
+
+class Busy(VivoflowError):
+    """Another worker holds this invitee's deliveries right now; try the message again shortly."""
+
+    def __init__(self, message: str, *, delay_ms: int = 250) -> None:
+        super().__init__(message)
+        self.delay_ms = delay_ms

@@ -201,6 +201,33 @@ def build_context(envelope: Envelope) -> dict[str, Any]:
     return ctx
 
 
+def build_rescheduled_context(canceled: Envelope, created: Envelope) -> dict[str, Any]:
+    """The context of the derived ``invitee.rescheduled``: the new booking, with ``old`` and ``new``.
+
+    ``canceled`` is the cancel half (the old invitee), ``created`` the new booking; the
+    cancellation's fields (``canceled_by``, ``reason``…) come from the cancel half.
+    """
+    old_ctx, new_ctx = build_context(canceled), build_context(created)
+    ctx = {**new_ctx, "event": RESCHEDULED, "rescheduled": True}
+    for key in ("canceled_by", "reason", "canceler_type"):
+        ctx[key] = old_ctx[key]
+    ctx["old"] = {"invitee": old_ctx["invitee"], "meeting": old_ctx["meeting"]}
+    ctx["new"] = {"invitee": new_ctx["invitee"], "meeting": new_ctx["meeting"]}
+    ctx["payload"] = {"canceled": canceled.payload, "created": created.payload}
+    return ctx
+
+
+def reschedule_link(envelope: Envelope) -> tuple[str, str] | None:
+    """``(old invitee URI, new invitee URI)`` if this delivery is half of a reschedule."""
+    payload = envelope.payload
+    uri = _str_or_none(payload.get("uri"))
+    if envelope.event == "invitee.canceled" and payload.get("rescheduled") and _str_or_none(payload.get("new_invitee")):
+        return (uri, payload["new_invitee"]) if uri else None
+    if envelope.event == "invitee.created" and _str_or_none(payload.get("old_invitee")):
+        return (payload["old_invitee"], uri) if uri else None
+    return None
+
+
 def _fill_invitee(ctx: dict[str, Any], p: InviteePayload) -> None:
     cancel = p.cancellation or Cancellation()
     ctx["status"] = p.status

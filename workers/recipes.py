@@ -8,6 +8,7 @@ costs the same however many unrelated recipes there are.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class Recipe:
     file: Path
     #: Line of ``name:`` (or of the recipe's first key when the name is the file's), for errors.
     name_line: int | None = None
+    #: The YAML it was compiled from, kept with each run so a delayed step runs this version.
+    source: str = ""
 
 
 @dataclass
@@ -130,11 +133,20 @@ def load_recipe(
     path: Path, registry: ConnectorRegistry, templates: Templates
 ) -> tuple[Recipe | None, list[RecipeError]]:
     """Parse, validate and compile one recipe file; returns it or its errors (never both)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [RecipeError(f"cannot read: {exc}", file=str(path))]
+    return parse_recipe(text, path, registry, templates)
+
+
+def parse_recipe(
+    text: str, path: Path, registry: ConnectorRegistry, templates: Templates
+) -> tuple[Recipe | None, list[RecipeError]]:
+    """Compile a recipe from its YAML text (``path`` names it in errors and gives its default name)."""
     file = str(path)
     try:
-        data, lines = load_with_lines(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [RecipeError(f"cannot read: {exc}", file=file)]
+        data, lines = load_with_lines(text)
     except YamlError as exc:
         return None, [RecipeError(str(exc), file=file, line=exc.line)]
     if not isinstance(data, dict):
@@ -143,7 +155,10 @@ def load_recipe(
         spec = RecipeSpec.model_validate(data)
     except ValidationError as exc:
         return None, [_pydantic_error(err, file, lines) for err in exc.errors()]
-    return _compile(spec, path, lines, registry, templates)
+    recipe, errors = _compile(spec, path, lines, registry, templates)
+    if recipe:
+        recipe.source = text
+    return recipe, errors
 
 
 def _pydantic_error(err: Any, file: str, lines: dict[Any, int]) -> RecipeError:
@@ -298,6 +313,8 @@ class RecipeFolder:
         self.templates = templates
         self._signature: tuple[Any, ...] | None = None
         self._checked = 0.0
+        self._lock = threading.RLock()
+        self._pinned: dict[str, Recipe | None] = {}
         self.book = RecipeBook()
         self.current()
 
@@ -313,17 +330,39 @@ class RecipeFolder:
             out.append((path.name, st.st_mtime_ns, st.st_size))
         return tuple(out)
 
+    def pinned(self, name: str, source: str | None) -> Recipe | None:
+        """The recipe as a run recorded it (``source``), or today's if the run kept none.
+
+        Compiled once per distinct source: resuming a thousand delayed runs compiles one recipe.
+        """
+        if not source:
+            return self.current().recipes.get(name)
+        current = self.current().recipes.get(name)
+        if current is not None and current.source == source:
+            return current
+        with self._lock:
+            if source not in self._pinned:
+                file = current.file if current else self.folder / f"{name}.yaml"
+                recipe, errors = parse_recipe(source, file, self.registry, self.templates)
+                if errors:  # it compiled when the run began; a connector since removed can break it
+                    log.error("recipe %s as scheduled no longer compiles: %s", name, errors[0])
+                self._pinned[source] = recipe
+            return self._pinned[source]
+
     def current(self) -> RecipeBook:
         """The recipes as they are on disk now (at most a second stale)."""
         now = time.monotonic()
         if now - self._checked < 1.0 and self._signature is not None:
             return self.book
-        self._checked = now
-        signature = self._files_signature()
-        if signature != self._signature:
-            self.book = load_book(self.folder, self.registry, self.templates)
-            self._signature = signature
-            for err in self.book.errors:
-                log.error("recipe not loaded: %s", err)
-            log.info("recipes loaded: %s", ", ".join(self.book.recipes) or "none")
+        with self._lock:  # one thread reloads; the others keep the book they had meanwhile
+            if now - self._checked < 1.0 and self._signature is not None:
+                return self.book
+            signature = self._files_signature()
+            if signature != self._signature:
+                book = load_book(self.folder, self.registry, self.templates)
+                for err in book.errors:
+                    log.error("recipe not loaded: %s", err)
+                log.info("recipes loaded: %s", ", ".join(book.recipes) or "none")
+                self.book, self._signature = book, signature  # swapped whole: in-flight work keeps its recipe
+            self._checked = time.monotonic()
         return self.book

@@ -61,6 +61,11 @@ runs = sa.Table(
     sa.Column("reason", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float),
+    #: The recipe's YAML as it was when the run began: a delayed step runs the version it was scheduled with.
+    sa.Column("recipe_source", sa.Text),
+    #: For a replay: the run it replays (if any) and the replay that made it.
+    sa.Column("replay_of", sa.String(40)),
+    sa.Column("replay_id", sa.String(40)),
     sa.Index("ix_runs_status_created", "status", "created_at"),
     sa.Index("ix_runs_recipe_created", "recipe", "created_at"),
 )
@@ -80,6 +85,26 @@ steps = sa.Table(
     sa.Column("finished_at", sa.Float),
     #: When a scheduled step (delay, at, or a retry) falls due.
     sa.Column("due_at", sa.Float),
+)
+
+#: Short-lived exclusive holds (one invitee's deliveries processed one at a time), with an expiry
+#: so a holder that died releases them.
+locks = sa.Table(
+    "locks", metadata,
+    sa.Column("key", sa.String(600), primary_key=True),
+    sa.Column("owner", sa.String(60), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+#: Every replay: who asked, when, in which mode, and the runs it made.
+replays = sa.Table(
+    "replays", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("who", sa.String(200), nullable=False),
+    sa.Column("mode", sa.String(20), nullable=False),
+    sa.Column("target", sa.String(40), nullable=False),
+    sa.Column("note", sa.Text),
 )
 
 #: Step and run statuses, as SPEC §8 names them.
@@ -175,6 +200,81 @@ class Store:
                 ).limit(1)
             ).first() is not None
 
+    def find_delivery(self, event: str, invitee_uri: str) -> dict[str, Any] | None:
+        """The first delivery of ``event`` for this invitee that is not a duplicate, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(deliveries).where(
+                    deliveries.c.invitee_uri == invitee_uri, deliveries.c.event == event,
+                    deliveries.c.duplicate_of.is_(None),
+                ).order_by(deliveries.c.received_at).limit(1)
+            ).first()
+        return dict(row._mapping) if row else None
+
+    def earlier_unprocessed(self, delivery: dict[str, Any], received_after: float) -> str | None:
+        """An unprocessed delivery about the same invitee that the sender created before this one."""
+        if not delivery["invitee_uri"] or not delivery["sender_created_at"]:
+            return None
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(deliveries.c.id).where(
+                    deliveries.c.invitee_uri == delivery["invitee_uri"],
+                    deliveries.c.id != delivery["id"],
+                    deliveries.c.processed_at.is_(None),
+                    deliveries.c.sender_created_at < delivery["sender_created_at"],
+                    deliveries.c.received_at > received_after,
+                ).limit(1)
+            ).scalar_one_or_none()
+
+    def try_lock(self, key: str, owner: str, lease_seconds: float) -> bool:
+        """Take ``key`` for ``owner`` unless someone else holds it and their lease runs."""
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(locks.insert().values(key=key, owner=owner, expires_at=now + lease_seconds))
+            return True
+        except IntegrityError:
+            pass
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                locks.update().where(locks.c.key == key, (locks.c.expires_at < now) | (locks.c.owner == owner))
+                .values(owner=owner, expires_at=now + lease_seconds)
+            ).rowcount
+        return bool(taken)
+
+    def unlock(self, key: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(locks.delete().where(locks.c.key == key, locks.c.owner == owner))
+
+    def record_replay(self, *, who: str, mode: str, target: str, note: str | None = None) -> str:
+        replay_id = new_id("rpl")
+        with self.engine.begin() as conn:
+            conn.execute(replays.insert().values(
+                id=replay_id, created_at=time.time(), who=who, mode=mode, target=target, note=note,
+            ))
+        return replay_id
+
+    def replays_of(self, target: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(replays).where(replays.c.target == target).order_by(replays.c.created_at))
+            return [dict(r._mapping) for r in rows]
+
+    def reset_unfinished_steps(self, run_id: str) -> int:
+        """Forget a failed run's steps that did not succeed, so a resume runs them afresh."""
+        with self.engine.begin() as conn:
+            removed = conn.execute(
+                steps.delete().where(steps.c.run_id == run_id, steps.c.status != "succeeded")
+            ).rowcount
+            conn.execute(runs.update().where(runs.c.id == run_id).values(status="queued", finished_at=None))
+        return removed
+
+    def failed_runs_since(self, since: float) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(runs).where(runs.c.status == "failed", runs.c.created_at >= since).order_by(runs.c.created_at)
+            )
+            return [dict(r._mapping) for r in rows]
+
     def claim(self, key: str, owner: str) -> str:
         """Claim ``key`` for ``owner``; returns whoever holds it (``owner`` if the claim is ours)."""
         try:
@@ -196,7 +296,9 @@ class Store:
 
     # runs -------------------------------------------------------------------
 
-    def ensure_run(self, *, run_key: str, delivery_id: str, recipe: str, event: str) -> dict[str, Any]:
+    def ensure_run(self, *, run_key: str, delivery_id: str, recipe: str, event: str, recipe_source: str | None = None,
+                   replay_of: str | None = None, replay_id: str | None = None,
+                   status: str = "queued", reason: str | None = None) -> dict[str, Any]:
         """The run for ``run_key``, created ``queued`` the first time: a redelivered message resumes it."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.run_key == run_key)).first()
@@ -204,7 +306,9 @@ class Store:
             return dict(row._mapping)
         values = dict(
             id=new_id("run"), run_key=run_key, delivery_id=delivery_id, recipe=recipe, event=event,
-            status="queued", created_at=time.time(),
+            status=status, reason=reason, created_at=time.time(), recipe_source=recipe_source,
+            replay_of=replay_of, replay_id=replay_id,
+            finished_at=time.time() if status in ("succeeded", "failed", "skipped") else None,
         )
         try:
             with self.engine.begin() as conn:
