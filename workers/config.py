@@ -72,6 +72,8 @@ class BrokerConfig(_Section):
 
 class StoreConfig(_Section):
     url: str = "sqlite:///data/vivoflow.db"
+    #: Deliveries (with their runs and steps) older than this are pruned hourly; 0 keeps everything.
+    retention_days: int = Field(30, ge=0)
 
 
 class RecipesConfig(_Section):

@@ -25,6 +25,8 @@ from connectors.base import ActionCall, ConnectorRegistry
 from workers.bookings import Bookings, ReschedulePair
 from workers.errors import PermanentStepError, RetryableStepError
 from workers.events import RESCHEDULED, Envelope, build_context, build_rescheduled_context
+from workers.logs import log_context
+from workers.metrics import Metrics, process_metrics
 from workers.recipes import Recipe, RecipeFolder, Step
 from workers.store import Store
 
@@ -86,6 +88,7 @@ class Engine:
         redact: Redactor,
         retry: RetryPolicy | None = None,
         lease_seconds: float = STEP_LEASE_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -95,12 +98,14 @@ class Engine:
         self.retry = retry or RetryPolicy()
         self.lease_seconds = lease_seconds
         self.bookings = Bookings(store, lease_seconds=lease_seconds)
+        self.metrics = metrics or process_metrics()
 
     # entry points -----------------------------------------------------------
 
     def process_delivery(self, delivery_id: str) -> None:
         """The actor's entry point (Dramatiq discards return values)."""
-        self.run_delivery(delivery_id)
+        with log_context(delivery_id=delivery_id):
+            self.run_delivery(delivery_id)
 
     def run_delivery(self, delivery_id: str) -> list[str]:
         """Create (or resume) one run per matching recipe and execute it; returns the run ids.
@@ -156,14 +161,14 @@ class Engine:
         # The recipe as the run recorded it: a delayed step keeps the version it was scheduled with.
         recipe = self.recipes.pinned(run["recipe"], run["recipe_source"])
         if delivery is None or recipe is None:
-            self.store.finish_run(run_id, "failed", f"recipe {run['recipe']!r} can no longer be loaded")
+            self._finish(run_id, run["recipe"], "failed", f"recipe {run['recipe']!r} can no longer be loaded")
             return
         envelope = Envelope.model_validate_json(delivery["body"])
         ctx = build_context(envelope)
         if run["event"] == RESCHEDULED:
             pair = self.bookings.reschedule_pair(delivery, envelope)
             if pair is None:
-                self.store.finish_run(run_id, "failed", "the other half of the reschedule is gone from the store")
+                self._finish(run_id, run["recipe"], "failed", "the other half of the reschedule is gone from the store")
                 return
             ctx = self._rescheduled_context(pair)
         self._execute(run, recipe, ctx, delivery)
@@ -198,18 +203,27 @@ class Engine:
 
     # one run ----------------------------------------------------------------
 
+    def _finish(self, run_id: str, recipe: str, status: str, reason: str | None = None) -> None:
+        self.store.finish_run(run_id, status, reason)
+        if status in ("succeeded", "failed", "skipped"):
+            self.metrics.runs.labels(recipe, status).inc()
+
     def _execute(self, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any], delivery: dict[str, Any]) -> None:
+        with log_context(delivery_id=delivery["id"], run_id=run["id"]):
+            self._execute_run(run, recipe, ctx, delivery)
+
+    def _execute_run(self, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any], delivery: dict[str, Any]) -> None:
         run_id = run["id"]
         if recipe.condition is not None:
             try:
                 matched = recipe.condition(**ctx)
             except TemplateError as exc:
-                self.store.finish_run(run_id, "failed", f"if: {exc}")
+                self._finish(run_id, recipe.name, "failed", f"if: {exc}")
                 return
             if not matched:
-                self.store.finish_run(run_id, "skipped", f"if: {recipe.condition_source} was false")
+                self._finish(run_id, recipe.name, "skipped", f"if: {recipe.condition_source} was false")
                 return
-        self.store.finish_run(run_id, "running")
+        self._finish(run_id, recipe.name, "running")
         done = {s["step_id"]: s for s in self.store.steps_of(run_id)}
         failures = 0
         for step in recipe.steps:
@@ -223,25 +237,27 @@ class Engine:
                 if status == "failed" and step.spec.on_error == "stop":
                     break
                 continue
-            outcome = self._run_step(run_id, step, ctx, prior, delivery)
+            with log_context(step_id=step.id):
+                outcome = self._run_step(run_id, recipe.name, step, ctx, prior, delivery)
             if outcome == "waiting":
-                self.store.finish_run(run_id, "scheduled")
+                self._finish(run_id, recipe.name, "scheduled")
                 return
             if outcome == "failed":
                 failures += 1
                 if step.spec.on_error == "stop":
                     break
         if failures:
-            self.store.finish_run(run_id, "failed", f"{failures} step(s) failed")
+            self._finish(run_id, recipe.name, "failed", f"{failures} step(s) failed")
         else:
-            self.store.finish_run(run_id, "succeeded")
+            self._finish(run_id, recipe.name, "succeeded")
         log.info("run %s (%s) %s", run_id, recipe.name, "failed" if failures else "succeeded")
 
     def _run_step(
-        self, run_id: str, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None, delivery: dict[str, Any]
+        self, run_id: str, recipe: str, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None,
+        delivery: dict[str, Any],
     ) -> str:
         """Run one step; returns ``succeeded``, ``skipped``, ``failed`` or ``waiting``."""
-        record = _Recorder(self.store, run_id, step, self.redact)
+        record = _Recorder(self.store, run_id, step, self.redact, self.metrics)
         if step.condition is not None:
             try:
                 if not step.condition(**ctx):
@@ -300,9 +316,13 @@ class Engine:
             log.exception("step %s of run %s raised", step.id, run_id)
             record("failed", input=raw, error=f"internal error: {type(exc).__name__}: {exc}")
             return "failed"
+        took = time.perf_counter() - started
         ctx["steps"][step.id] = {"output": output}
         record("succeeded", input=raw, output=output)
-        log.info("run %s step %s succeeded in %.0f ms", run_id, step.id, (time.perf_counter() - started) * 1000)
+        self.metrics.step_seconds.labels(step.connector).observe(took)
+        if (sent := _timestamp(delivery["sender_created_at"])) is not None:
+            self.metrics.lag_seconds.labels(recipe).observe(max(time.time() - sent, 0.0))
+        log.info("run %s step %s succeeded in %.0f ms", run_id, step.id, took * 1000)
         return "succeeded"
 
     def _wait(
@@ -345,11 +365,22 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}" if loc else err["msg"]
 
 
-class _Recorder:
-    """Writes one step's outcome, redacted."""
+def _timestamp(value: str | None) -> float | None:
+    """The sender's envelope ``created_at`` as a Unix time (None if absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
-    def __init__(self, store: Store, run_id: str, step: Step, redact: Redactor) -> None:
-        self.store, self.run_id, self.step, self.redact = store, run_id, step, redact
+
+class _Recorder:
+    """Writes one step's outcome, redacted, and counts it."""
+
+    def __init__(self, store: Store, run_id: str, step: Step, redact: Redactor, metrics: Metrics) -> None:
+        self.store, self.run_id, self.step, self.redact, self.metrics = store, run_id, step, redact, metrics
 
     def __call__(self, status: str, *, input: Any = None, output: Any = None,  # noqa: A002
                  error: str | None = None, due_at: float | None = None) -> None:
@@ -358,3 +389,7 @@ class _Recorder:
             status=status, input=self.redact(input), output=self.redact(output),
             error=self.redact(error), due_at=due_at,
         )
+        if status in ("succeeded", "failed", "skipped"):
+            self.metrics.steps.labels(self.step.connector, status).inc()
+        elif status == "scheduled" and error:  # a retry's backoff (a plain delay carries no error)
+            self.metrics.retries.labels(self.step.connector).inc()

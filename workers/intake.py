@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from workers.actors import enqueue_delivery
 from workers.app import App
 from workers.events import Envelope, delivery_facts
+from workers.metrics import CONTENT_TYPE_LATEST, exposition, process_metrics
 from workers.signing import SIGNATURE_HEADERS, SignatureError, verify
 
 log = logging.getLogger("vivoflow.intake")
@@ -35,6 +36,10 @@ log = logging.getLogger("vivoflow.intake")
 READ_TIMEOUT_SECONDS = 30
 #: A stored delivery still unprocessed this long after it arrived is enqueued again on a duplicate.
 REQUEUE_AFTER_SECONDS = 60
+
+#: The ``outcome`` label of ``vivoflow_webhooks`` for each answer.
+OUTCOMES = {202: "accepted", 200: "duplicate", 401: "unauthorized", 413: "too_large", 400: "bad_request",
+            408: "timeout", 503: "unavailable"}
 
 _STORE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DBAPIError)
 _BROKER_ERRORS = (redis.RedisError, BrokerConnectionError, OSError)
@@ -105,7 +110,14 @@ def create_intake(app: App) -> Starlette:
         except (*_STORE_ERRORS, *_BROKER_ERRORS):
             pass  # the duplicate answer stands; the next retry tries again
 
+    counter = process_metrics().webhooks
+
     async def webhook(request: Request) -> JSONResponse:
+        response = await receive(request)
+        counter.labels(OUTCOMES.get(response.status_code, str(response.status_code))).inc()
+        return response
+
+    async def receive(request: Request) -> JSONResponse:
         try:
             with anyio.fail_after(READ_TIMEOUT_SECONDS):
                 body = await read_limited(request, intake.max_body_bytes)
@@ -133,6 +145,10 @@ def create_intake(app: App) -> Starlette:
             return error(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
         return await run_in_threadpool(accept, envelope, body)
 
+    async def metrics_endpoint(request: Request) -> Response:
+        body = await run_in_threadpool(exposition, app)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
@@ -145,4 +161,5 @@ def create_intake(app: App) -> Starlette:
         Route(intake.path, webhook, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ from connectors.vivocalendar import ApiError, VivocalendarApi
 from workers.actors import enqueue_delivery
 from workers.app import App
 from workers.events import Envelope, delivery_facts
+from workers.periodic import Periodic
 
 log = logging.getLogger("vivoflow.reconcile")
 
@@ -122,24 +122,12 @@ def _store(app: App, event: str, created_at: str, invitee: dict[str, Any], sched
     return Found(event=event, invitee_uri=invitee["uri"], delivery_id=delivery_id, enqueued=enqueued)
 
 
-class Reconciler(threading.Thread):
-    """Reconciles at start-up and then every ``every``, in the background of ``vivoflow run``/``serve``."""
+def reconciler(app: App, api_factory: Callable[[], VivocalendarApi], *, every: timedelta, window: timedelta,
+               horizon: timedelta) -> Periodic:
+    """Reconciliation at start-up and then every ``every``, in the background of ``run``/``serve``."""
 
-    def __init__(self, app: App, api_factory: Callable[[], VivocalendarApi], *, every: timedelta,
-                 window: timedelta, horizon: timedelta) -> None:
-        super().__init__(name="reconcile", daemon=True)
-        self.app, self.api_factory = app, api_factory
-        self.every, self.window, self.horizon = every, window, horizon
-        self.stopping = threading.Event()
+    def round_() -> None:
+        with api_factory() as api:
+            reconcile(app, api, since=window, horizon=horizon)
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                with self.api_factory() as api:
-                    reconcile(self.app, api, since=self.window, horizon=self.horizon)
-            except Exception as exc:  # noqa: BLE001 - a failed round must not end the thread
-                log.error("reconcile failed: %s (next try in %s)", exc, self.every)
-            self.stopping.wait(self.every.total_seconds())
-
-    def stop(self) -> None:
-        self.stopping.set()
+    return Periodic("reconcile", every, round_)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import dramatiq
@@ -24,7 +25,9 @@ from workers.app import App
 from workers.broker import EmbeddedRedis
 from workers.config import Config
 from workers.intake import create_intake
-from workers.reconcile import Reconciler
+from workers.logs import redact_secrets
+from workers.periodic import Periodic
+from workers.reconcile import reconciler
 
 log = logging.getLogger("vivoflow")
 
@@ -34,35 +37,47 @@ BROKER_URL_ENV = "VIVOFLOW_BROKER_URL"
 
 def serve(app: App) -> None:
     """Run the intake (and background reconciliation, when a token is set) until SIGINT/SIGTERM."""
+    redact_secrets(app.secrets())
     intake = app.config.intake
     log.info("intake listening on http://%s:%s%s", intake.host, intake.port, intake.path)
     server = uvicorn.Server(uvicorn.Config(
         create_intake(app), host=intake.host, port=intake.port, log_level="warning", access_log=False,
         lifespan="off", timeout_graceful_shutdown=10,
     ))
-    reconciler = start_reconciler(app)
+    chores = background_chores(app)
+    for chore in chores:
+        chore.start()
     try:
         server.run()
     finally:
-        if reconciler:
-            reconciler.stop()
+        for chore in chores:
+            chore.stop()
 
 
-def start_reconciler(app: App) -> Reconciler | None:
-    """Reconcile now and every ``reconcile.every``, if a Vivocalendar token is configured."""
+def background_chores(app: App) -> list[Periodic]:
+    """Pruning old history (``store.retention_days``) and reconciliation (when a Vivocalendar token is set)."""
+    chores = []
+    if app.config.store.retention_days:
+        keep = timedelta(days=app.config.store.retention_days)
+        chores.append(Periodic("retention", timedelta(hours=1), lambda: prune(app, keep)))
     settings = app.registry.config_of("vivocalendar")
     every = app.config.reconcile.every
-    if not every or not isinstance(settings, VivocalendarConfig) or not settings.token.get_secret_value():
-        return None
-    reconciler = Reconciler(app, lambda: VivocalendarApi.from_config(settings), every=every,
-                            window=app.config.reconcile.window, horizon=app.config.reconcile.horizon)
-    reconciler.start()
-    log.info("reconciling with the Vivocalendar API every %s", every)
-    return reconciler
+    if every and isinstance(settings, VivocalendarConfig) and settings.token.get_secret_value():
+        chores.append(reconciler(app, lambda: VivocalendarApi.from_config(settings), every=every,
+                                 window=app.config.reconcile.window, horizon=app.config.reconcile.horizon))
+        log.info("reconciling with the Vivocalendar API every %s", every)
+    return chores
+
+
+def prune(app: App, keep: timedelta) -> None:
+    removed = app.store.prune(time.time() - keep.total_seconds())
+    if removed:
+        log.info("retention: removed %d delivery(ies) older than %s days with their runs", removed, keep.days)
 
 
 def work(app: App, threads: int, stop: threading.Event) -> None:
     """Consume the queue in this process with ``threads`` threads until ``stop`` is set."""
+    redact_secrets(app.secrets())
     app.declare_actors()
     # A short idle poll keeps the end-to-end lag low; an idle worker asks Redis ten times a second.
     worker = dramatiq.Worker(app.broker, worker_threads=threads, worker_timeout=100)

@@ -85,6 +85,7 @@ steps = sa.Table(
     sa.Column("finished_at", sa.Float),
     #: When a scheduled step (delay, at, or a retry) falls due.
     sa.Column("due_at", sa.Float),
+    sa.Index("ix_steps_status", "status"),
 )
 
 #: Short-lived exclusive holds (one invitee's deliveries processed one at a time), with an expiry
@@ -275,6 +276,32 @@ class Store:
             )
             return [dict(r._mapping) for r in rows]
 
+    def scheduled_steps(self) -> tuple[int, float | None]:
+        """How many steps wait (delay or retry), and the earliest due time among them."""
+        with self.engine.connect() as conn:
+            count, earliest = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(steps.c.due_at)).where(steps.c.status == "scheduled")
+            ).one()
+        return int(count), earliest
+
+    def prune(self, received_before: float) -> int:
+        """Delete deliveries received before the cutoff, with their runs, steps, claims and replays.
+
+        A delivery with a step still scheduled is kept, whatever its age: its work is not done.
+        """
+        old = sa.select(deliveries.c.id).where(deliveries.c.received_at < received_before)
+        waiting = sa.select(runs.c.delivery_id).join(steps, steps.c.run_id == runs.c.id).where(
+            steps.c.status == "scheduled")
+        doomed = old.where(deliveries.c.id.not_in(waiting))
+        doomed_runs = sa.select(runs.c.id).where(runs.c.delivery_id.in_(doomed))
+        with self.engine.begin() as conn:
+            conn.execute(steps.delete().where(steps.c.run_id.in_(doomed_runs)))
+            conn.execute(replays.delete().where(replays.c.target.in_(doomed_runs) | replays.c.target.in_(doomed)))
+            conn.execute(runs.delete().where(runs.c.delivery_id.in_(doomed)))
+            conn.execute(claims.delete().where(claims.c.owner.in_(doomed)))
+            conn.execute(locks.delete().where(locks.c.expires_at < time.time()))
+            return conn.execute(deliveries.delete().where(deliveries.c.id.in_(doomed))).rowcount
+
     def claim(self, key: str, owner: str) -> str:
         """Claim ``key`` for ``owner``; returns whoever holds it (``owner`` if the claim is ours)."""
         try:
@@ -425,6 +452,61 @@ class Store:
                 conn.execute(steps.insert().values(
                     run_id=run_id, step_id=step_id, position=position, use=use, attempts=0, **values
                 ))
+
+
+    # dashboard queries --------------------------------------------------------
+
+    def page_runs(
+        self, *, status: str | None = None, recipe: str | None = None, event: str | None = None,
+        since: float | None = None, before: tuple[float, str] | None = None, limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Runs newest first, after the keyset cursor ``before = (created_at, id)``.
+
+        A cursor, not OFFSET: a deep page costs what the first does, and runs arriving
+        meanwhile do not shift the rows under the reader.
+        """
+        columns = [c for c in runs.c if c.name != "recipe_source"]
+        query = sa.select(*columns).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+        for column, value in ((runs.c.status, status), (runs.c.recipe, recipe), (runs.c.event, event)):
+            if value:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(runs.c.created_at >= since)
+        if before is not None:
+            created, run_id = before
+            query = query.where(sa.or_(
+                runs.c.created_at < created, sa.and_(runs.c.created_at == created, runs.c.id < run_id)
+            ))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def page_deliveries(
+        self, *, event: str | None = None, since: float | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """The latest deliveries (without their bodies), each with its number of runs."""
+        run_count = sa.select(sa.func.count()).where(runs.c.delivery_id == deliveries.c.id).scalar_subquery()
+        columns = [c for c in deliveries.c if c.name not in ("body", "dedupe_key")]
+        query = (sa.select(*columns, run_count.label("runs"))
+                 .order_by(deliveries.c.received_at.desc(), deliveries.c.id.desc()).limit(limit))
+        if event:
+            query = query.where(deliveries.c.event == event)
+        if since is not None:
+            query = query.where(deliveries.c.received_at >= since)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def last_runs(self, recipes: list[str]) -> dict[str, dict[str, Any]]:
+        """Each named recipe's most recent run, by recipe name (recipes that never ran are absent)."""
+        if not recipes:
+            return {}
+        latest = (sa.select(runs.c.recipe, sa.func.max(runs.c.created_at).label("created_at"))
+                  .where(runs.c.recipe.in_(recipes)).group_by(runs.c.recipe).subquery())
+        columns = [c for c in runs.c if c.name != "recipe_source"]
+        query = sa.select(*columns).join(
+            latest, sa.and_(runs.c.recipe == latest.c.recipe, runs.c.created_at == latest.c.created_at)
+        )
+        with self.engine.connect() as conn:
+            return {r.recipe: dict(r._mapping) for r in conn.execute(query)}
 
 
 def _encode(value: Any) -> str | None:

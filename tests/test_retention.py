@@ -1,0 +1,76 @@
+"""Retention: history older than ``store.retention_days`` is pruned, work still waiting is not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tests.harness import Vivoflow, fixture_body, wait_until
+from workers import store as tables
+from workers.runner import background_chores, prune
+
+DELAYED = """
+on: invitee.created
+steps:
+  - id: later
+    use: log.write
+    delay: 1h
+    with: {message: "reminder for {{ invitee.email }}"}
+"""
+
+
+def age(vivoflow: Vivoflow, delivery_id: str, days: float) -> None:
+    with vivoflow.store.engine.begin() as conn:
+        conn.execute(tables.deliveries.update().where(tables.deliveries.c.id == delivery_id)
+                     .values(received_at=time.time() - days * 86400))
+
+
+def count(vivoflow: Vivoflow, table: sa.Table) -> int:
+    with vivoflow.store.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def test_old_deliveries_go_with_their_runs_and_steps(vivoflow: Vivoflow) -> None:
+    old = vivoflow.post(fixture_body("invitee.canceled")).json()["delivery_id"]
+    new = vivoflow.post(fixture_body("invitee.created")).json()["delivery_id"]
+    vivoflow.wait_for_runs(old)
+    vivoflow.wait_for_runs(new, count=2)
+    age(vivoflow, old, days=31)
+
+    prune(vivoflow.intake_app, timedelta(days=30))
+
+    assert vivoflow.store.get_delivery(old) is None
+    assert vivoflow.store.runs_of_delivery(old) == []
+    assert vivoflow.store.get_delivery(new) is not None
+    assert len(vivoflow.store.runs_of_delivery(new)) == 2
+    kept_runs = {r["id"] for r in vivoflow.store.runs_of_delivery(new)}
+    with vivoflow.store.engine.connect() as conn:
+        step_runs = set(conn.execute(sa.select(tables.steps.c.run_id)).scalars())
+    assert step_runs <= kept_runs
+
+
+def test_a_delivery_with_a_step_still_scheduled_is_kept(
+    make_config: Callable[..., Path], recipes_dir: Path
+) -> None:
+    (recipes_dir / "later.yaml").write_text(DELAYED)
+    with Vivoflow(make_config()) as vivoflow:
+        delivery_id = vivoflow.post(fixture_body("invitee.created")).json()["delivery_id"]
+        wait_until(lambda: [r for r in vivoflow.runs(delivery_id) if r["status"] == "scheduled"])
+        age(vivoflow, delivery_id, days=400)
+
+        prune(vivoflow.intake_app, timedelta(days=30))
+
+        assert vivoflow.store.get_delivery(delivery_id) is not None
+        assert count(vivoflow, tables.steps) == 1
+
+
+def test_retention_runs_in_the_background_unless_turned_off(make_config: Callable[..., Path]) -> None:
+    with Vivoflow(make_config(), worker=False) as keeping:
+        assert [c.name for c in background_chores(keeping.intake_app)] == ["retention"]
+    with Vivoflow(make_config(store={"url": "sqlite:///data/vivoflow.db", "retention_days": 0}),
+                  worker=False) as forever:
+        assert background_chores(forever.intake_app) == []
