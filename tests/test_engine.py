@@ -15,6 +15,9 @@ import pytest
 from tests.harness import Vivoflow, fixture_body, wait_until
 from workers.errors import Busy
 
+#: These run on SQLite and, where one answers, PostgreSQL.
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
+
 TWO_STEPS = """
 name: two-steps
 on: invitee.created

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.harness import Vivoflow, fixture_body
+
+#: These run on SQLite and, where one answers, PostgreSQL.
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 
 def test_cancellation_sends_the_followup_with_cancel_fields_and_utm(vivoflow: Vivoflow, smtp_sink: Any) -> None:

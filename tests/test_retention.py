@@ -7,11 +7,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from tests.harness import Vivoflow, fixture_body, wait_until
 from workers import store as tables
 from workers.runner import background_chores, prune
+
+#: These run on SQLite and, where one answers, PostgreSQL.
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 DELAYED = """
 on: invitee.created

@@ -358,6 +358,28 @@ def replay(ctx: Ctx, delivery_id: str | None, run_id: str | None, resume: bool, 
         click.echo(f"{total} failed run(s) resumed")
 
 
+@cli.group()
+def db() -> None:
+    """The run store's schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Migrate up to this revision.")
+@pass_ctx
+def db_upgrade(ctx: Ctx, revision: str) -> None:
+    """Apply the store's migrations (run, serve and worker also do it at start)."""
+    import sqlalchemy.exc
+
+    from workers.store import Store, upgrade
+
+    store = Store(ctx.config().store_url())
+    try:
+        upgrade(store.engine, revision)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise VivoflowError(f"store.url: cannot reach the database ({str(exc.orig).strip().splitlines()[0]})") from None
+    click.echo(f"store at {revision}: {store.engine.url.render_as_string(hide_password=True)}")
+
+
 # --- history ---------------------------------------------------------------------------------
 
 

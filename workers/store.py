@@ -112,6 +112,27 @@ replays = sa.Table(
 STATUSES = ("queued", "running", "succeeded", "failed", "skipped", "scheduled")
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Run the migrations up to ``revision`` on ``engine``'s database.
+
+    On PostgreSQL an advisory lock serialises processes starting at once (two
+    ``vivoflow serve`` behind a load balancer), so each migration runs once.
+    """
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))  # "vivo" on a phone keypad
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
 def new_id(prefix: str) -> str:
     """A sortable id: milliseconds since the epoch, then randomness (``run_018f…``)."""
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
@@ -126,13 +147,15 @@ class Store:
             parsed = sa.engine.make_url(url)
         except sa.exc.ArgumentError:
             raise ConfigError(f"store.url: not a database URL: {url!r}") from None
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not SQLAlchemy's psycopg2 default
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
             if parsed.database and parsed.database != ":memory:":
                 _create_private_file(Path(parsed.database))
         else:
-            kwargs["pool_pre_ping"] = True
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
         try:
             self.engine = sa.create_engine(parsed, **kwargs)
         except (sa.exc.ArgumentError, ImportError) as exc:
@@ -141,7 +164,8 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        """Bring the database to the current schema (alembic migrations; a no-op when up to date)."""
+        upgrade(self.engine)
 
     def ping(self) -> None:
         """Read a table: ``SELECT 1`` would pass on SQLite without ever touching the file."""
