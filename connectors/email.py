@@ -203,16 +203,15 @@ class EmailConnector(Connector):
         sender = self.config.sender()
         msg = self._build(inputs, call, sender)
         everyone = inputs.envelope_recipients()
-        log_extra = {"run_id": call.run_id, "step_id": call.step_id}
         if not self.config.host:
             path = self._write_outbox(msg, call.idempotency_key, inputs.bcc)
             where, subject = _display(path), _short(inputs.subject)
             line = 'email to %s "%s" written to %s (no SMTP host set)'
-            self.log.info(line, ", ".join(everyone), subject, where, extra=log_extra)
+            self.log.info(line, ", ".join(everyone), subject, where)
             return {"message_id": msg["Message-ID"], "path": str(path)}
         refused = self._send_smtp(msg, sender.addr_spec, everyone)
         if refused:
-            self.log.warning("email: some recipients refused: %s", refused, extra=log_extra)
+            self.log.warning("email: some recipients refused: %s", refused)
             return {"message_id": msg["Message-ID"], "refused": refused}
         return {"message_id": msg["Message-ID"]}
 

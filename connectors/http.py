@@ -210,8 +210,7 @@ class HttpConnector(Connector):
                 raise
             # A server that echoes the request back could quote the credentials in its error.
             raise type(exc)(_scrub(exc.message, secrets), retry_after=exc.retry_after) from None
-        self.log.info("http %s %s answered %s", inputs.method, where, response.status_code,
-                      extra={"run_id": call.run_id, "step_id": call.step_id})
+        self.log.info("http %s %s answered %s", inputs.method, where, response.status_code)
         return _scrub(_output(response), secrets)
 
     def _exchange(self, request: httpx.Request, where: str) -> httpx.Response:

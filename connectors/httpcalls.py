@@ -45,7 +45,10 @@ def retry_after(response: httpx.Response) -> float | None:
 
 
 def remote_message(response: httpx.Response) -> str:
-    """The service's own words: a JSON ``message``/``error``/``title``, else the body's start."""
+    """The service's own words: a JSON ``message``/``error``/``title``, else the body's start.
+
+    A server may quote the request back: the credentials it was sent are blanked from the quote.
+    """
     try:
         data: Any = response.json()
     except ValueError:
@@ -54,9 +57,20 @@ def remote_message(response: httpx.Response) -> str:
         for key in ("message", "error", "title", "detail", "error_description"):
             value = data.get(key)
             if isinstance(value, str) and value:
-                return value[:MESSAGE_LIMIT]
-    text = response.text.strip()
+                return _without_credentials(value, response)[:MESSAGE_LIMIT]
+    text = _without_credentials(response.text.strip(), response)
     return text[:MESSAGE_LIMIT] or response.reason_phrase
+
+
+def _without_credentials(text: str, response: httpx.Response) -> str:
+    try:
+        sent = response.request.headers.get("authorization", "")
+    except RuntimeError:  # a response built without its request
+        return text
+    for secret in (sent, sent.partition(" ")[2]):  # "Bearer xyz", then "xyz" alone
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
 
 
 def raise_for_status(response: httpx.Response, service: str) -> None:

@@ -128,8 +128,7 @@ class HubspotConnector(Connector):
             raise PermanentStepError(f"{SERVICE} did not upsert the contact: {message}")
         contact = results[0]
         created = bool(contact.get("new"))
-        self.log.info("hubspot contact %s %s", contact["id"], "created" if created else "updated",
-                      extra={"run_id": call.run_id, "step_id": call.step_id})
+        self.log.info("hubspot contact %s %s", contact["id"], "created" if created else "updated")
         return {"id": str(contact["id"]), "created": created}
 
     @action("create_note", input=CreateNoteInput)
@@ -146,8 +145,7 @@ class HubspotConnector(Connector):
         note = self._post("/crm/v3/objects/notes", body)
         if not note.get("id"):
             raise PermanentStepError(f"{SERVICE} answered without a note id")
-        self.log.info("hubspot note %s added to contact %s", note["id"], contact_id,
-                      extra={"run_id": call.run_id, "step_id": call.step_id})
+        self.log.info("hubspot note %s added to contact %s", note["id"], contact_id)
         return {"id": str(note["id"])}
 
     def _contact_id_by_email(self, email: str) -> str:

@@ -28,5 +28,5 @@ class LogConnector(Connector):
     def write(self, inputs: WriteInput, call: ActionCall) -> None:
         """Log a message at INFO."""
         # The message as written: no prefix, so a recipe's line reads the same in the log.
-        # The ids go in `extra`, for a structured formatter to print beside it.
-        self.log.info("%s", inputs.message, extra={"run_id": call.run_id, "step_id": call.step_id})
+        # The engine's log context adds the delivery, run and step ids to the line.
+        self.log.info("%s", inputs.message)

@@ -124,7 +124,7 @@ class SlackConnector(Connector):
         except StepError as exc:
             raise self._scrubbed(exc) from None
         self.log.info("slack: message posted to %s (ts %s)", output.get("channel") or "the webhook's channel",
-                      output["ts"], extra={"run_id": call.run_id, "step_id": call.step_id})
+                      output["ts"])
         return output
 
     def _post_web_api(self, token: str, inputs: PostMessageInput) -> dict[str, Any]:

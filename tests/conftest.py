@@ -63,12 +63,50 @@ POSTGRES_URL = os.environ.get("VIVOFLOW_TEST_POSTGRES_URL", "postgresql://postgr
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "stores(*backends): run the module's tests against each store backend")
+    config.addinivalue_line("markers", "brokers(*kinds): run the module's tests against each broker (redis, rabbitmq)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store_url" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("stores")
         metafunc.parametrize("store_url", marker.args if marker else ("sqlite",), indirect=True)
+    if "broker_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("brokers")
+        metafunc.parametrize("broker_url", marker.args if marker else ("redis",), indirect=True)
+
+
+RABBITMQ_URL = os.environ.get("VIVOFLOW_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_reachable() -> str | None:
+    """Why RabbitMQ cannot be used here, or None when it answers."""
+    import pika
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL + "?connection_attempts=1&socket_timeout=3")).close()
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip, and say why
+        return f"RabbitMQ not reachable at {RABBITMQ_URL} ({type(exc).__name__}); set VIVOFLOW_TEST_RABBITMQ_URL"
+    return None
+
+
+@pytest.fixture
+def broker_url(request: pytest.FixtureRequest, redis_url: str, namespace: str,
+               rabbitmq_reachable: str | None) -> Iterator[str]:
+    """This test's broker: the session's Redis (under the test's namespace), or RabbitMQ (its own queue)."""
+    if getattr(request, "param", "redis") == "redis":
+        yield redis_url
+        return
+    if rabbitmq_reachable:
+        pytest.skip(rabbitmq_reachable)
+    yield RABBITMQ_URL
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    for suffix in ("", ".DQ", ".XQ"):  # the queue, its delay queue and its dead letters
+        channel.queue_delete(namespace + suffix)
+    connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -104,11 +142,11 @@ def store_url(request: pytest.FixtureRequest, postgres_reachable: str | None) ->
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, redis_url: str, namespace: str, store_url: str) -> Callable[..., Path]:
+def make_config(tmp_path: Path, broker_url: str, namespace: str, store_url: str) -> Callable[..., Path]:
     """Write this test's config.yaml (see ``tests.harness.write_config``) and return its path."""
     def make(**kwargs: Any) -> Path:
         kwargs.setdefault("store", {"url": store_url})
-        return write_config(tmp_path, redis_url=redis_url, namespace=namespace, **kwargs)
+        return write_config(tmp_path, redis_url=broker_url, namespace=namespace, **kwargs)
 
     return make
 

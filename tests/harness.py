@@ -41,7 +41,7 @@ def write_config(folder: Path, *, redis_url: str, namespace: str, smtp_port: int
         "intake": {"host": "127.0.0.1", "port": free_port(), "signing_key": SIGNING_KEY},
         # Retries within a test's patience.
         "workers": {"retry_min_backoff_seconds": 0.05, "retry_max_backoff_seconds": 0.2},
-        "broker": {"url": redis_url, "namespace": namespace},
+        "broker": {"url": redis_url, "namespace": namespace, "queue": namespace},
         "store": {"url": "sqlite:///data/vivoflow.db"},
         "recipes": {"dir": "recipes"},
         "connectors": {"email": email},

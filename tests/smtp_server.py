@@ -79,8 +79,9 @@ class SmtpSink:
         self._arrived = threading.Condition()
         self._controller: Controller | None = None
 
-    def start(self) -> SmtpSink:
-        self.port = free_port()
+    def start(self, port: int | None = None) -> SmtpSink:
+        """Listen on ``port`` (one a test reserved, to bring a server up where mail was failing) or a free one."""
+        self.port = port or free_port()
         auth: dict[str, Any] = {}
         if self.users:
             auth = {"authenticator": self._authenticate, "auth_require_tls": False}

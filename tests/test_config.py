@@ -167,7 +167,7 @@ def test_a_missing_variable_without_default_names_the_key_and_the_variable(
     ("intake: {port: 70000}\n", "intake.port: Input should be less than or equal to 65535"),
     ("workers: {threads: 0}\n", "workers.threads: Input should be greater than or equal to 1"),
     ("intake: {path: webhooks}\n", "intake.path: must start with /"),
-    ("broker: {url: 'http://redis'}\n", "broker.url: must be 'embedded' or a redis://"),
+    ("broker: {url: 'http://redis'}\n", "broker.url: must be 'embedded', a redis://"),
     ("intake: [1, 2]\n", "intake: Input should be a valid dictionary"),
 ])
 def test_a_bad_key_or_value_is_one_line_naming_its_key_path(tmp_path: Path, text: str, expected: str) -> None:

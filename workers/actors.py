@@ -1,4 +1,4 @@
-"""The queue's actors, bound to an engine: process a delivery, resume a run, replay a delivery.
+"""The queue and its actors, bound to an engine: process a delivery, resume a run, replay a delivery.
 
 Messages carry ids only; the store holds the data. The intake only enqueues
 (it needs no actor code), workers declare the actors and run them.
@@ -11,6 +11,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq import Broker, Message, Middleware
+from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries
 
 from workers.engine import Engine
@@ -19,7 +20,7 @@ from workers.store import Store
 
 log = logging.getLogger("vivoflow.actors")
 
-QUEUE = "vivoflow"
+DEFAULT_QUEUE = "vivoflow"
 PROCESS_DELIVERY = "process_delivery"
 RESUME_RUN = "resume_run"
 REPLAY_DELIVERY = "replay_delivery"
@@ -35,24 +36,48 @@ ACTOR_OPTIONS = {"max_retries": 20, "min_backoff": 1_000, "max_backoff": 300_000
 MAX_DELAY_MS = 3_600_000
 
 
-def _enqueue(broker: Broker, actor: str, args: tuple[Any, ...], delay_ms: int = 0) -> None:
-    broker.declare_queue(QUEUE)
-    message = Message(queue_name=QUEUE, actor_name=actor, args=args, kwargs={}, options={})
-    broker.enqueue(message, delay=min(max(delay_ms, 0), MAX_DELAY_MS) or None)
+class Queue:
+    """vivoflow's queue on a broker: what the intake, the CLI and the engine put work on.
 
+    Messages carry ids only. The name is ``broker.queue`` (so two vivoflows, or two
+    tests, can share one RabbitMQ); on Redis the namespace separates them as well.
+    """
 
-def enqueue_delivery(broker: Broker, delivery_id: str, delay_ms: int = 0) -> None:
-    """Put a stored delivery on the queue (from the intake, which declares no actors)."""
-    _enqueue(broker, PROCESS_DELIVERY, (delivery_id,), delay_ms)
+    def __init__(self, broker: Broker, name: str = DEFAULT_QUEUE) -> None:
+        self.broker = broker
+        self.name = name
+        broker.declare_queue(name)
 
+    def _send(self, actor: str, args: tuple[Any, ...], delay_ms: int = 0) -> None:
+        message = Message(queue_name=self.name, actor_name=actor, args=args, kwargs={}, options={})
+        self.broker.enqueue(message, delay=min(max(delay_ms, 0), MAX_DELAY_MS) or None)
 
-def enqueue_resume(broker: Broker, run_id: str, delay_ms: int) -> None:
-    """Hand a run back to the queue, to continue after ``delay_ms``."""
-    _enqueue(broker, RESUME_RUN, (run_id,), delay_ms)
+    def delivery(self, delivery_id: str, delay_ms: int = 0) -> None:
+        """Put a stored delivery on the queue."""
+        self._send(PROCESS_DELIVERY, (delivery_id,), delay_ms)
 
+    def resume(self, run_id: str, delay_ms: int) -> None:
+        """Hand a run back to the queue, to continue after ``delay_ms``."""
+        self._send(RESUME_RUN, (run_id,), delay_ms)
 
-def enqueue_replay(broker: Broker, delivery_id: str, replay_id: str, recipe: str | None = None) -> None:
-    _enqueue(broker, REPLAY_DELIVERY, (delivery_id, replay_id, recipe))
+    def replay(self, delivery_id: str, replay_id: str, recipe: str | None = None, delay_ms: int = 0) -> None:
+        self._send(REPLAY_DELIVERY, (delivery_id, replay_id, recipe), delay_ms)
+
+    def depth(self) -> dict[str, int]:
+        """Messages waiting: ``ready``, and ``delayed`` ones not yet taken by a worker."""
+        if isinstance(self.broker, RedisBroker):
+            ns = self.broker.namespace
+            return {"ready": self.broker.client.llen(f"{ns}:{self.name}"),
+                    "delayed": self.broker.client.llen(f"{ns}:{self.name}.DQ")}
+        ready, delayed, _dead = self.broker.get_queue_message_counts(self.name)  # type: ignore[attr-defined]
+        return {"ready": ready, "delayed": delayed}
+
+    def ping(self) -> None:
+        """Raise if the broker does not answer."""
+        if isinstance(self.broker, RedisBroker):
+            self.broker.client.ping()
+        else:
+            self.depth()
 
 
 class RecordDeadLetters(Middleware):
@@ -65,7 +90,9 @@ class RecordDeadLetters(Middleware):
                               exception: BaseException | None = None) -> None:
         if exception is None or not message.failed:
             return
-        reason = f"gave up after {message.options.get('retries', 0)} tries: {type(exception).__name__}: {exception}"
+        # One line: a database error's text goes on with the SQL and its parameters (personal data).
+        first = (str(exception).strip().splitlines() or [""])[0][:300]
+        reason = f"gave up after {message.options.get('retries', 0)} tries: {type(exception).__name__}: {first}"
         try:
             if message.actor_name == RESUME_RUN:
                 self.store.finish_run(message.args[0], "failed", reason)
@@ -80,15 +107,16 @@ class RecordDeadLetters(Middleware):
                   message.args, reason)
 
 
-def declare_actors(broker: Broker, engine: Engine) -> None:
-    """Declare the actors on ``broker``, closing over ``engine`` (no global broker)."""
+def declare_actors(queue: Queue, engine: Engine) -> None:
+    """Declare the actors on the queue's broker, closing over ``engine`` (no global broker)."""
+    broker = queue.broker
 
     def process_delivery(delivery_id: str) -> None:
         try:
             engine.process_delivery(delivery_id)
         except Busy as busy:
             # Another worker holds this invitee: come back shortly, without spending a retry.
-            enqueue_delivery(broker, delivery_id, busy.delay_ms)
+            queue.delivery(delivery_id, busy.delay_ms)
 
     def resume_run(run_id: str) -> None:
         engine.resume_run(run_id)
@@ -97,9 +125,9 @@ def declare_actors(broker: Broker, engine: Engine) -> None:
         try:
             engine.replay_delivery(delivery_id, replay_id, recipe)
         except Busy as busy:
-            _enqueue(broker, REPLAY_DELIVERY, (delivery_id, replay_id, recipe), busy.delay_ms)
+            queue.replay(delivery_id, replay_id, recipe, busy.delay_ms)
 
     broker.add_middleware(RecordDeadLetters(engine.store), before=Retries)
     for fn, name in ((process_delivery, PROCESS_DELIVERY), (resume_run, RESUME_RUN),
                      (replay_delivery, REPLAY_DELIVERY)):
-        dramatiq.Actor(fn, broker=broker, actor_name=name, queue_name=QUEUE, priority=0, options=ACTOR_OPTIONS)
+        dramatiq.Actor(fn, broker=broker, actor_name=name, queue_name=queue.name, priority=0, options=ACTOR_OPTIONS)

@@ -10,12 +10,11 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-import redis
 import sqlalchemy.exc
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq import Broker
 
 from connectors.base import ConnectorRegistry
-from workers.actors import declare_actors, enqueue_resume
+from workers.actors import Queue, declare_actors
 from workers.broker import make_broker, redis_url
 from workers.config import SIGNING_KEY_FILE, Config
 from workers.engine import Engine, Redactor, RetryPolicy
@@ -36,6 +35,7 @@ class App:
         self.registry.configure(config.connectors, base_dir=config.base_dir)
         self.templates = Templates()
         self._key_file_cache: tuple[int, bytes] = (0, b"")
+        self._actors_declared = False
 
     @cached_property
     def store(self) -> Store:
@@ -44,7 +44,7 @@ class App:
         return store
 
     @cached_property
-    def broker(self) -> RedisBroker:
+    def broker(self) -> Broker:
         url = redis_url(self.config.broker, self._broker_url)
         return make_broker(url, namespace=self.config.broker.namespace,
                            heartbeat_timeout_seconds=self.config.broker.heartbeat_timeout_seconds)
@@ -81,14 +81,21 @@ class App:
         workers = self.config.workers
         return Engine(
             self.store, self.registry, self.recipes,
-            schedule=lambda run_id, delay: enqueue_resume(self.broker, run_id, delay),
+            schedule=self.queue.resume,
             redact=Redactor(self.secrets()),
             retry=RetryPolicy(workers.retry_min_backoff_seconds, workers.retry_max_backoff_seconds),
             lease_seconds=workers.step_lease_seconds,
         )
 
+    @cached_property
+    def queue(self) -> Queue:
+        return Queue(self.broker, self.config.broker.queue)
+
     def declare_actors(self) -> None:
-        declare_actors(self.broker, self.engine)
+        """Declare the actors once per App (a worker stopped and started again reuses them)."""
+        if not self._actors_declared:
+            declare_actors(self.queue, self.engine)
+            self._actors_declared = True
 
     def readiness(self) -> dict[str, str]:
         """``ok`` or the reason, for the broker and the store (``/readyz``)."""
@@ -99,9 +106,9 @@ class App:
         except sqlalchemy.exc.SQLAlchemyError as exc:
             checks["store"] = f"unavailable: {type(exc).__name__}"
         try:
-            self.broker.client.ping()
+            self.queue.ping()
             checks["broker"] = "ok"
-        except (redis.RedisError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - Redis, AMQP or socket errors alike: not ready
             checks["broker"] = f"unavailable: {type(exc).__name__}"
         return checks
 

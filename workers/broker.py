@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import redis
+from dramatiq import Broker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, Retries, ShutdownNotifications
 from redis.backoff import NoBackoff
@@ -130,18 +131,24 @@ def discover_embedded(data_dir: Path) -> str | None:
     return url
 
 
-def make_broker(url: str, *, namespace: str, heartbeat_timeout_seconds: float = 60.0) -> RedisBroker:
+def make_broker(url: str, *, namespace: str, heartbeat_timeout_seconds: float = 60.0) -> Broker:
     """Dramatiq's RedisBroker with the middleware vivoflow relies on.
 
     Retries are vivoflow's own (per step, in the engine); Dramatiq's Retries
     middleware only carries the redelivery and its backoff.
     """
     middleware = [AgeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(), Retries(), CurrentMessage()]
+    if url.startswith(("amqp://", "amqps://")):
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        # Publisher confirms: the intake answers 202 only once RabbitMQ has the message.
+        return RabbitmqBroker(url=url, middleware=middleware, confirm_delivery=True)
     try:
         client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
     except ValueError as exc:
         raise ConfigError(f"broker.url: {exc}") from None
-    # Maintenance (requeueing a dead worker's messages) runs on 1 in `maintenance_chance`
-    # fetches; idle workers fetch ~10 times a second, so 1/100 means every few seconds.
+    # Maintenance (requeueing a dead worker's messages) runs on `maintenance_chance` in a million
+    # commands (Dramatiq's scale); an idle worker's consumers fetch ~25 times a second, so
+    # 10_000 (1 in 100) means every few seconds.
     return RedisBroker(client=client, namespace=namespace, middleware=middleware,
-                       heartbeat_timeout=int(heartbeat_timeout_seconds * 1000), maintenance_chance=100)
+                       heartbeat_timeout=int(heartbeat_timeout_seconds * 1000), maintenance_chance=10_000)

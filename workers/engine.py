@@ -217,8 +217,8 @@ class Engine:
         if recipe.condition is not None:
             try:
                 matched = recipe.condition(**ctx)
-            except TemplateError as exc:
-                self._finish(run_id, recipe.name, "failed", f"if: {exc}")
+            except Exception as exc:  # noqa: BLE001 - `none - 1`, `1 // 0`…: the recipe's error, not ours
+                self._finish(run_id, recipe.name, "failed", f"if: {_template_error(exc)}")
                 return
             if not matched:
                 self._finish(run_id, recipe.name, "skipped", f"if: {recipe.condition_source} was false")
@@ -263,8 +263,8 @@ class Engine:
                 if not step.condition(**ctx):
                     record("skipped", error=f"if: {step.spec.if_} was false")
                     return "skipped"
-            except TemplateError as exc:
-                record("failed", error=f"if: {exc}")
+            except Exception as exc:  # noqa: BLE001 - see _template_error
+                record("failed", error=f"if: {_template_error(exc)}")
                 return "failed"
 
         wait = self._wait(step, ctx, prior, record)
@@ -272,8 +272,12 @@ class Engine:
             return wait
         if prior and prior.get("due_at") and step.spec.skip_if_canceled and (step.spec.delay or step.spec.at):
             uri = ctx["invitee"].get("uri")
-            if uri and self.store.invitee_canceled_after(uri, delivery["received_at"]):
-                record("skipped", error="the invitee was canceled or rescheduled after this step was scheduled")
+            # Any cancellation of the invitee counts, whenever it arrived: the sender's order can put a
+            # cancellation before its booking. A run of that very cancellation is not skipped for it
+            # (a repeated delivery of it is not a new cancellation).
+            own = delivery["event"] == "invitee.canceled" and delivery["invitee_uri"] == uri
+            if uri and not own and self.store.has_delivery("invitee.canceled", uri):
+                record("skipped", error="the invitee was canceled or rescheduled before this step fell due")
                 return "skipped"
 
         attempt = self.store.claim_step(
@@ -287,8 +291,8 @@ class Engine:
             return "waiting"
         try:
             raw = step.inputs(ctx)
-        except TemplateError as exc:
-            record("failed", error=f"template: {exc}")
+        except Exception as exc:  # noqa: BLE001 - see _template_error; the step is claimed: record it
+            record("failed", error=f"template: {_template_error(exc)}")
             return "failed"
         try:
             inputs = step.action.input_model.model_validate(raw)
@@ -334,8 +338,8 @@ class Engine:
         if due_at is None and (step.spec.delay or step.at):
             try:
                 due_at = _due_at(step, ctx, now)
-            except (TemplateError, ValueError) as exc:
-                record("failed", error=f"at: {exc}")
+            except Exception as exc:  # noqa: BLE001 - see _template_error
+                record("failed", error=f"at: {_template_error(exc)}")
                 return "failed"
             if due_at <= now:
                 return None
@@ -357,6 +361,14 @@ def _due_at(step: Step, ctx: dict[str, Any], now: float) -> float:
     if step.spec.offset is not None:
         when += step.spec.offset
     return when.timestamp()
+
+
+def _template_error(exc: Exception) -> str:
+    """A rendering failure in words: Jinja's own errors as they are, others (``TypeError`` from
+    arithmetic on a missing value, ``ZeroDivisionError``…) named by their type."""
+    if isinstance(exc, TemplateError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -24,16 +24,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from workers.actors import enqueue_delivery
 from workers.app import App
+from workers.dashboard import dashboard_routes
 from workers.events import Envelope, delivery_facts
 from workers.metrics import CONTENT_TYPE_LATEST, exposition, process_metrics
 from workers.signing import SIGNATURE_HEADERS, SignatureError, verify
 
 log = logging.getLogger("vivoflow.intake")
 
-#: A body must arrive within this many seconds: a slow sender cannot hold a connection forever.
-READ_TIMEOUT_SECONDS = 30
 #: A stored delivery still unprocessed this long after it arrived is enqueued again on a duplicate.
 REQUEUE_AFTER_SECONDS = 60
 
@@ -90,7 +88,7 @@ def create_intake(app: App) -> Starlette:
             _requeue_if_stuck(delivery_id)
             return JSONResponse({"delivery_id": delivery_id, "duplicate": True}, status_code=200)
         try:
-            enqueue_delivery(app.broker, delivery_id)
+            app.queue.delivery(delivery_id)
         except _BROKER_ERRORS as exc:
             log.error("broker unavailable: %s", type(exc).__name__)
             try:
@@ -106,7 +104,7 @@ def create_intake(app: App) -> Starlette:
         try:
             row = app.store.get_delivery(delivery_id)
             if row and row["processed_at"] is None and time.time() - row["received_at"] > REQUEUE_AFTER_SECONDS:
-                enqueue_delivery(app.broker, delivery_id)
+                app.queue.delivery(delivery_id)
         except (*_STORE_ERRORS, *_BROKER_ERRORS):
             pass  # the duplicate answer stands; the next retry tries again
 
@@ -119,7 +117,7 @@ def create_intake(app: App) -> Starlette:
 
     async def receive(request: Request) -> JSONResponse:
         try:
-            with anyio.fail_after(READ_TIMEOUT_SECONDS):
+            with anyio.fail_after(intake.read_timeout_seconds):
                 body = await read_limited(request, intake.max_body_bytes)
         except BodyTooLarge:
             return error(413, f"body larger than {intake.max_body_bytes} bytes", close=True)
@@ -139,10 +137,13 @@ def create_intake(app: App) -> Starlette:
         if not isinstance(data, dict) or not isinstance(data.get("event"), str) or "payload" not in data:
             return error(400, "body must be a JSON object with 'event' (a string) and 'payload'")
         try:
-            envelope = Envelope.model_validate(data)
+            # Parsed again by the parser the workers use, so nothing is accepted that they cannot read
+            # (json.loads takes lone surrogate escapes and deeper nesting than pydantic does).
+            envelope = Envelope.model_validate_json(body)
         except ValidationError as exc:
             err = exc.errors()[0]
-            return error(400, f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+            where = ".".join(map(str, err["loc"]))
+            return error(400, f"{where}: {err['msg']}" if where else err["msg"])
         return await run_in_threadpool(accept, envelope, body)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -162,4 +163,5 @@ def create_intake(app: App) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *dashboard_routes(app),  # last: pages and /api/, behind the admin token (workers.dashboard_access)
     ])

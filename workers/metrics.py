@@ -72,15 +72,11 @@ class _Waiting(Collector):
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from workers.actors import QUEUE
-
         depth = GaugeMetricFamily("vivoflow_queue_depth", "Messages waiting in the queue (ready, and delayed "
                                   "ones not yet taken by a worker).", labels=["queue"])
         try:
-            broker = self.app.broker
-            ns = broker.namespace
-            depth.add_metric(["ready"], broker.client.llen(f"{ns}:{QUEUE}"))
-            depth.add_metric(["delayed"], broker.client.llen(f"{ns}:{QUEUE}.DQ"))
+            for kind, count in self.app.queue.depth().items():
+                depth.add_metric([kind], count)
         except Exception:  # noqa: BLE001 - a broker that does not answer shows as a missing sample
             pass
         yield depth

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from connectors.vivocalendar import ApiError, VivocalendarApi
-from workers.actors import enqueue_delivery
 from workers.app import App
 from workers.events import Envelope, delivery_facts
 from workers.periodic import Periodic
@@ -87,7 +86,7 @@ def reconcile(
     """
     current = now or datetime.now(UTC)
     start = current - since
-    send = enqueue or (lambda delivery_id: enqueue_delivery(app.broker, delivery_id))
+    send = enqueue or (lambda delivery_id: app.queue.delivery(delivery_id))
     report = ReconcileReport()
     for scheduled in _scheduled_events(api, start, current + horizon):
         for invitee in api.event_invitees(scheduled["uri"]):

@@ -20,7 +20,6 @@ import dramatiq
 import uvicorn
 
 from connectors.vivocalendar import VivocalendarApi, VivocalendarConfig
-from workers.actors import enqueue_delivery
 from workers.app import App
 from workers.broker import EmbeddedRedis
 from workers.config import Config
@@ -179,6 +178,6 @@ def requeue_unprocessed(app: App) -> None:
     """
     pending = app.store.unprocessed_deliveries(older_than=time.time())
     for delivery_id in pending:
-        enqueue_delivery(app.broker, delivery_id)
+        app.queue.delivery(delivery_id)
     if pending:
         log.info("re-enqueued %d delivery(ies) not yet processed", len(pending))

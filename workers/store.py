@@ -7,10 +7,13 @@ delivery, a run and a step exist once however many processes race.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +129,26 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
 
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with _migration_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))  # "vivo" on a phone keypad
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: sa.Engine) -> Iterator[None]:
+    """On SQLite, a lock file beside the database does what PostgreSQL's advisory lock does."""
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def new_id(prefix: str) -> str:
@@ -285,13 +303,20 @@ class Store:
             return [dict(r._mapping) for r in rows]
 
     def reset_unfinished_steps(self, run_id: str) -> int:
-        """Forget a failed run's steps that did not succeed, so a resume runs them afresh."""
+        """Queue a failed run's steps that did not succeed again, so a resume runs them afresh.
+
+        Their last error stays in the history (marked as before the resume); attempts start
+        over, so a step that had used up its retries gets its full count again.
+        """
+        unfinished = (steps.c.run_id == run_id) & (steps.c.status != "succeeded")
         with self.engine.begin() as conn:
-            removed = conn.execute(
-                steps.delete().where(steps.c.run_id == run_id, steps.c.status != "succeeded")
-            ).rowcount
-            conn.execute(runs.update().where(runs.c.id == run_id).values(status="queued", finished_at=None))
-        return removed
+            reset = conn.execute(steps.update().where(unfinished).values(
+                status="queued", attempts=0, due_at=None, finished_at=None,
+                error=sa.case((steps.c.error.is_(None), None), else_="before the resume: " + steps.c.error),
+            )).rowcount
+            conn.execute(runs.update().where(runs.c.id == run_id).values(status="queued", finished_at=None,
+                                                                         reason=None))
+        return reset
 
     def failed_runs_since(self, since: float) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -375,18 +400,6 @@ class Store:
             conn.execute(
                 runs.update().where(runs.c.id == run_id).values(status=status, reason=reason, finished_at=finished)
             )
-
-    def invitee_canceled_after(self, invitee_uri: str, received_at: float) -> bool:
-        """Whether a cancellation of this invitee arrived after ``received_at``."""
-        with self.engine.connect() as conn:
-            found = conn.execute(
-                sa.select(deliveries.c.id).where(
-                    deliveries.c.invitee_uri == invitee_uri,
-                    deliveries.c.event == "invitee.canceled",
-                    deliveries.c.received_at > received_at,
-                ).limit(1)
-            ).first()
-        return found is not None
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
