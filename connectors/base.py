@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationInfo
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, SecretStr, ValidationInfo
 from pydantic.fields import FieldInfo
 
 from workers.errors import ConfigError, PermanentStepError
@@ -56,10 +56,36 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` calls per ``window_seconds``, across every worker (``100/10s``)."""
+
+    limit: int
+    window_seconds: float
+
+
+def _rate_limit(value: Any) -> Any:
+    if value is None or isinstance(value, RateLimit):
+        return value
+    from workers.durations import parse_duration  # durations read the same everywhere
+
+    count, _, window = str(value).partition("/")
+    try:
+        limit, seconds = int(count), parse_duration(window or "1s").total_seconds()
+    except ValueError:
+        raise ValueError(f"{value!r} is not a rate: write calls/duration, e.g. 100/10s") from None
+    if limit < 1 or seconds <= 0:
+        raise ValueError(f"{value!r}: the count and the duration must be positive")
+    return RateLimit(limit, seconds)
+
+
 class ConnectorConfig(BaseModel):
     """Base of every connector's config section (``connectors.<name>`` in config.yaml)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    #: Calls allowed across all workers, e.g. ``100/10s``, so a burst does not get a token banned.
+    rate_limit: Annotated[RateLimit | None, BeforeValidator(_rate_limit)] = None
 
 
 class ActionInput(BaseModel):

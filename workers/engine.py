@@ -280,6 +280,12 @@ class Engine:
                 record("skipped", error="the invitee was canceled or rescheduled before this step fell due")
                 return "skipped"
 
+        if (wait_for := self._rate_limited(step)) is not None:
+            # Not an attempt: the step waits for the connector's next window, across all workers.
+            record("scheduled", error=f"rate limit of {step.connector}: next call in {wait_for:.1f}s",
+                   due_at=time.time() + wait_for)
+            self.schedule(run_id, int(wait_for * 1000) + 1)
+            return "waiting"
         attempt = self.store.claim_step(
             run_id=run_id, step_id=step.id, position=step.position, use=step.spec.use,
             lease_seconds=self.lease_seconds,
@@ -328,6 +334,14 @@ class Engine:
             self.metrics.lag_seconds.labels(recipe).observe(max(time.time() - sent, 0.0))
         log.info("run %s step %s succeeded in %.0f ms", run_id, step.id, took * 1000)
         return "succeeded"
+
+    def _rate_limited(self, step: Step) -> float | None:
+        """Seconds to wait if the step's connector is over its ``rate_limit``, else None."""
+        limit = getattr(self.registry.config_of(step.connector), "rate_limit", None)
+        if limit is None:
+            return None
+        wait = self.store.take_rate(f"connector:{step.connector}", limit.limit, limit.window_seconds)
+        return wait or None
 
     def _wait(
         self, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None, record: _Recorder
@@ -403,5 +417,5 @@ class _Recorder:
         )
         if status in ("succeeded", "failed", "skipped"):
             self.metrics.steps.labels(self.step.connector, status).inc()
-        elif status == "scheduled" and error:  # a retry's backoff (a plain delay carries no error)
+        elif status == "scheduled" and error and not error.startswith("rate limit"):  # a retry's backoff
             self.metrics.retries.labels(self.step.connector).inc()

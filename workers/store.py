@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from workers.errors import ConfigError
@@ -98,6 +100,14 @@ locks = sa.Table(
     sa.Column("key", sa.String(600), primary_key=True),
     sa.Column("owner", sa.String(60), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+#: Calls per connector per fixed time window, for rate limits shared by every worker.
+rate_windows = sa.Table(
+    "rate_windows", metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("window_start", sa.Float, primary_key=True),
+    sa.Column("calls", sa.Integer, nullable=False),
 )
 
 #: Every replay: who asked, when, in which mode, and the runs it made.
@@ -350,6 +360,24 @@ class Store:
             conn.execute(claims.delete().where(claims.c.owner.in_(doomed)))
             conn.execute(locks.delete().where(locks.c.expires_at < time.time()))
             return conn.execute(deliveries.delete().where(deliveries.c.id.in_(doomed))).rowcount
+
+    def take_rate(self, key: str, limit: int, window_seconds: float) -> float:
+        """Count one call against ``key``'s current window: 0 if allowed, else seconds to wait.
+
+        One atomic upsert (SQLite and PostgreSQL both have ``ON CONFLICT … DO UPDATE``), so
+        workers on any number of hosts share the count.
+        """
+        now = time.time()
+        start = now - now % window_seconds
+        dialect = self.engine.dialect.name
+        insert = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(rate_windows)
+        statement = insert.values(key=key, window_start=start, calls=1).on_conflict_do_update(
+            index_elements=["key", "window_start"], set_={"calls": rate_windows.c.calls + 1},
+        ).returning(rate_windows.c.calls)
+        with self.engine.begin() as conn:
+            calls = conn.execute(statement).scalar_one()
+            conn.execute(rate_windows.delete().where(rate_windows.c.key == key, rate_windows.c.window_start < start))
+        return 0.0 if calls <= limit else start + window_seconds - now
 
     def claim(self, key: str, owner: str) -> str:
         """Claim ``key`` for ``owner``; returns whoever holds it (``owner`` if the claim is ours)."""
