@@ -280,6 +280,15 @@ def test_without_a_token_a_foreign_host_name_is_refused(vivoflow: Vivoflow) -> N
     assert response.status_code == 403 and "admin.token" in response.text
 
 
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP", "Forwarded"])
+def test_without_a_token_a_request_through_a_proxy_is_refused(vivoflow: Vivoflow, header: str) -> None:
+    # A reverse proxy on the same host makes every visitor's peer address 127.0.0.1.
+    response = vivoflow.http.get(vivoflow.url + "/api/runs", headers={header: "203.0.113.7"})
+
+    assert response.status_code == 401 and "proxy" in response.json()["error"]
+    assert vivoflow.http.get(vivoflow.url + "/api/runs").status_code == 200
+
+
 def test_without_a_token_a_browser_post_needs_the_csrf_token(vivoflow: Vivoflow) -> None:
     delivery_id = booking(vivoflow)
     run_id = vivoflow.runs(delivery_id)[0]["id"]

@@ -81,21 +81,26 @@ def cli(click_ctx: click.Context, config_path: str | None, verbose: bool, log_fo
 def run(ctx: Ctx) -> None:
     """Intake, workers and the embedded broker in one command (the main job)."""
     config = ctx.config()
-    share_metrics(config.broker.data_dir / "metrics")
+    share_metrics(config.broker.data_dir / "metrics", fresh=True)
     from workers.runner import run_all  # after share_metrics: it imports prometheus-client
 
     run_all(config)
 
 
-def share_metrics(folder: Path) -> None:
-    """Have this process and its worker children count into one folder, so /metrics sees them all.
+def share_metrics(folder: Path, *, fresh: bool = False) -> None:
+    """Have this process (and its children) count into one folder, so /metrics sees them all.
 
-    Must run before prometheus-client is imported (it reads the variable then). Files of an
-    earlier run are removed: counters start from zero with the process group, as Prometheus expects.
+    Must run before prometheus-client is imported (it reads the variable then); a folder set
+    in the environment already (systemd units) wins. ``run`` owns its process group and starts
+    fresh (counters from zero, as Prometheus expects of a restart); ``serve`` and ``worker``
+    on one host share the folder without wiping each other's files.
     """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.db"):
-        stale.unlink(missing_ok=True)
+    if fresh:
+        for stale in folder.glob("*.db"):
+            stale.unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
@@ -103,6 +108,8 @@ def share_metrics(folder: Path) -> None:
 @pass_ctx
 def serve(ctx: Ctx) -> None:
     """The intake alone (scale out: point it at a shared broker.url)."""
+    config = ctx.config()
+    share_metrics(config.broker.data_dir / "metrics")
     from workers.runner import serve as serve_intake
 
     app = ctx.app()
@@ -116,9 +123,10 @@ def serve(ctx: Ctx) -> None:
 @pass_ctx
 def worker(ctx: Ctx, processes: int | None, threads: int | None) -> None:
     """Workers alone: consume the queue and run recipes."""
+    config = ctx.config()
+    share_metrics(config.broker.data_dir / "metrics")
     from workers.runner import BROKER_URL_ENV, WorkerProcesses, stop_on_signals, work
 
-    config = ctx.config()
     processes = processes or config.workers.processes or 1
     threads = threads or config.workers.threads
     stop = threading.Event()

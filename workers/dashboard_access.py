@@ -83,6 +83,11 @@ class Guard:
 
     def _loopback_only(self, request: Request) -> Access:
         client = request.client.host if request.client else ""
+        # Behind a reverse proxy on the same host every visitor arrives from 127.0.0.1: a
+        # forwarded request is someone else's, whatever its peer address says.
+        if any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip")):
+            raise Problem(401, "admin.token is not set, and this request came through a proxy: "
+                               "set admin.token (VIVOFLOW_ADMIN_TOKEN) to use the dashboard from elsewhere")
         if not _loopback_address(client):
             raise Problem(401, "admin.token is not set, so the dashboard answers loopback clients only: "
                                "set admin.token (VIVOFLOW_ADMIN_TOKEN) to open it to this address")

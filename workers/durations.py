@@ -27,7 +27,8 @@ def parse_duration(text: str | int | timedelta) -> timedelta:
 
 
 def _parse(value: Any) -> Any:
-    return None if value is None else parse_duration(value)
+    # Empty (``every: ${RECONCILE_EVERY:-}``) means none, so an environment variable can turn a duration off.
+    return None if value is None or value == "" else parse_duration(value)
 
 
 #: A pydantic field type reading ``15m`` and friends.

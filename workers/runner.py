@@ -30,6 +30,10 @@ from workers.reconcile import reconciler
 
 log = logging.getLogger("vivoflow")
 
+#: A delivery stored this long ago and still unprocessed is put on the queue again (a busy
+#: queue can hold work that long; running it twice is harmless, losing it is not).
+STUCK_AFTER_SECONDS = 600
+
 #: Environment variable through which a parent hands its broker's URL to worker processes.
 BROKER_URL_ENV = "VIVOFLOW_BROKER_URL"
 
@@ -46,6 +50,9 @@ def serve(app: App) -> None:
     chores = background_chores(app)
     for chore in chores:
         chore.start()
+    # uvicorn re-raises the signal that stopped it once it is done; with SIGTERM's default
+    # action that would kill the process before this cleanup (and `run`'s) could happen.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
     finally:
@@ -54,8 +61,9 @@ def serve(app: App) -> None:
 
 
 def background_chores(app: App) -> list[Periodic]:
-    """Pruning old history (``store.retention_days``) and reconciliation (when a Vivocalendar token is set)."""
-    chores = []
+    """Re-enqueueing stuck deliveries, pruning old history (``store.retention_days``), and
+    reconciliation (when a Vivocalendar token is set)."""
+    chores = [Periodic("requeue", timedelta(minutes=1), lambda: requeue_unprocessed(app, STUCK_AFTER_SECONDS))]
     if app.config.store.retention_days:
         keep = timedelta(days=app.config.store.retention_days)
         chores.append(Periodic("retention", timedelta(hours=1), lambda: prune(app, keep)))
@@ -171,12 +179,13 @@ def run_all(config: Config) -> None:
         log.info("stopped")
 
 
-def requeue_unprocessed(app: App) -> None:
-    """Enqueue deliveries stored but never processed (a crash between storing and enqueueing).
+def requeue_unprocessed(app: App, older_than_seconds: float = 0.0) -> None:
+    """Enqueue deliveries stored but never processed (a crash between storing and enqueueing,
+    or a reconciled one whose broker was down).
 
     Processing is idempotent, so a delivery also still on the queue costs a lookup, not a second run.
     """
-    pending = app.store.unprocessed_deliveries(older_than=time.time())
+    pending = app.store.unprocessed_deliveries(older_than=time.time() - older_than_seconds)
     for delivery_id in pending:
         app.queue.delivery(delivery_id)
     if pending:
