@@ -122,7 +122,7 @@ class Config(_Section):
     admin: AdminConfig = AdminConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
     #: Raw sections, secrets in clear until each connector's model reads them: kept out of repr().
-    connectors: dict[str, dict[str, Any] | None] = Field({}, repr=False)
+    connectors: dict[str, dict[str, Any] | None] = Field({}, repr=False, exclude=True)
     #: Folder of the config file; every relative path hangs from it.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     source: str = Field(DEFAULT_CONFIG, exclude=True)

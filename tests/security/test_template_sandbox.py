@@ -25,8 +25,8 @@ from workers.app import App
 from workers.config import load_config
 from workers.engine import Engine, Redactor
 from workers.recipes import RecipeFolder
+from workers.sandbox import RENDER_SECONDS
 from workers.signing import sign
-from workers.templating import RENDER_SECONDS
 
 #: What must never appear in an error shown to a recipe author: Python's own names and addresses.
 LEAKS = ("0x", "<class", "<function", "<module", "<built-in", "__builtins__", "jinja2.", "site-packages",
