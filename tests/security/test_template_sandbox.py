@@ -81,8 +81,9 @@ CASES: dict[str, tuple[str, str, str]] = {
     "join-bomb": ("{{ range(100000)|join('x' * 100000) }}", RENDER, "join result too long"),
     "lipsum-call": ("{{ lipsum(1000000000) }}", VALIDATION, "unknown name 'lipsum'"),
     "macro-recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", RENDER, "nest too deeply"),
+    # Whichever limit a loaded machine meets first: the output cap, or the clock.
     "nested-loops-printing": ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-                              RENDER, "template output larger than 1 MB"),
+                              RENDER, "template output larger than 1 MB|" + TOO_SLOW),
     "nested-loops-silent": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                             RENDER, TOO_SLOW),
     "nested-loops-over-one-list": ("{% set r = range(100000)|list %}{% for i in r %}{% for j in r %}"
@@ -158,7 +159,7 @@ def test_hostile_template_is_refused_at_load_or_fails_its_step_saying_why(
     outcome = sandbox(one_step(template))
 
     assert outcome.where == where, outcome
-    assert says in outcome.error, outcome.error
+    assert any(alternative in outcome.error for alternative in says.split("|")), outcome.error
     if where == RENDER:
         assert outcome.error.startswith("template: ")
         assert outcome.seconds < RENDER_SECONDS + 1.5, outcome.seconds
