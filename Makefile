@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean bench
 
 # The venv is rebuilt only when pyproject.toml changes (stamp files), so both targets are idempotent.
 $(BIN)/python:
@@ -22,8 +22,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/vivoflow --config $(CONFIG) run
 
+# Four test processes: most tests wait on servers and subprocesses, not on the CPU.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 4
+
+# About 4 minutes, loopback only: prints the table, writes bench/results/<stamp>.json and latest.json.
+bench: $(VENV)/.installed
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet py-spy || echo "no py-spy: profiles skipped"
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
