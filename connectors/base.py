@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -201,6 +202,7 @@ class ConnectorRegistry:
     def __init__(self, classes: Mapping[str, type[Connector]]) -> None:
         self.classes = dict(classes)
         self._instances: dict[str, Connector] = {}
+        self._lock = threading.Lock()
         self._configs: dict[str, ConnectorConfig] = {}
 
     @classmethod
@@ -246,9 +248,13 @@ class ConnectorRegistry:
 
     def instance(self, name: str) -> Connector:
         """This process's instance of a connector, built on first use (clients are pooled in it)."""
-        if name not in self._instances:
-            self._instances[name] = self.classes[name](self.config_of(name))
-        return self._instances[name]
+        instance = self._instances.get(name)
+        if instance is None:
+            with self._lock:  # worker threads start at once: build one client, not one per thread
+                if name not in self._instances:
+                    self._instances[name] = self.classes[name](self.config_of(name))
+                instance = self._instances[name]
+        return instance
 
     def secrets(self) -> list[str]:
         """Secret values of every configured connector, for redaction in logs and history."""

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.harness import SIGNING_KEY, Vivoflow, fixture_body
+from tests.harness import SIGNING_KEY, Vivoflow, fixture_body, wait_until
 from workers.broker import EmbeddedRedis
 from workers.config import SIGNING_KEY_FILE
 from workers.signing import sign
@@ -195,10 +195,12 @@ def test_the_key_vivoflow_subscribe_stored_is_accepted(start_intake: Callable[..
     flow = start_intake()
     assert_error(flow.post(fixture_body("invitee.canceled"), key="subscribed-key"), 401)
 
-    # Where `vivoflow subscribe` keeps the key it generated; the running intake picks it up.
+    # Where `vivoflow subscribe` keeps the key it generated; the running intake picks it up
+    # (it looks at the file at most once a second).
     (flow.config.broker.data_dir / SIGNING_KEY_FILE).write_text("subscribed-key\n")
 
-    assert flow.post(fixture_body("invitee.canceled"), key="subscribed-key").status_code == 202
+    wait_until(lambda: flow.post(fixture_body("invitee.canceled"), key="subscribed-key").status_code == 202,
+               timeout=5, interval=0.2)
     assert flow.post(fixture_body("invitee.created")).status_code == 202
 
 

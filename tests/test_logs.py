@@ -68,7 +68,7 @@ def test_secrets_are_replaced_in_messages_and_tracebacks(restore_logging: None, 
 
 
 def test_a_steps_log_lines_are_tied_to_its_run(vivoflow: Vivoflow, caplog: Any) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
 
     delivery_id = vivoflow.post(fixture_body("invitee.canceled")).json()["delivery_id"]
     run = vivoflow.wait_for_runs(delivery_id)[0]

@@ -7,6 +7,7 @@ test can build two side by side.
 from __future__ import annotations
 
 import logging
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class App:
         self.registry.configure(config.connectors, base_dir=config.base_dir)
         self.templates = Templates()
         self._key_file_cache: tuple[int, bytes] = (0, b"")
+        self._keys: list[bytes] = []
+        self._keys_checked = float("-inf")
         self._actors_declared = False
 
     @cached_property
@@ -59,16 +62,24 @@ class App:
         return self.config.broker.data_dir / SIGNING_KEY_FILE
 
     def signing_keys(self) -> list[bytes]:
-        """The configured keys plus the subscribed one (re-read when ``subscribe`` rewrites it)."""
-        keys = self.config.intake.keys()
-        try:
-            stat = self.signing_key_file.stat()
-        except OSError:
-            return keys
-        if self._key_file_cache[0] != stat.st_mtime_ns:
-            self._key_file_cache = (stat.st_mtime_ns, self.signing_key_file.read_text().strip().encode())
-        stored = self._key_file_cache[1]
-        return [*keys, stored] if stored and stored not in keys else keys
+        """The configured keys plus the subscribed one (re-read when ``subscribe`` rewrites it).
+
+        The file is looked at most once a second: this runs on every webhook.
+        """
+        now = time.monotonic()
+        if now - self._keys_checked >= 1.0:
+            self._keys_checked = now
+            self._keys = self.config.intake.keys()
+            try:
+                stat = self.signing_key_file.stat()
+            except OSError:
+                return self._keys
+            if self._key_file_cache[0] != stat.st_mtime_ns:
+                self._key_file_cache = (stat.st_mtime_ns, self.signing_key_file.read_text().strip().encode())
+            stored = self._key_file_cache[1]
+            if stored and stored not in self._keys:
+                self._keys = [*self._keys, stored]
+        return self._keys
 
     def secrets(self) -> list[str]:
         """Every configured secret, for redaction."""

@@ -332,7 +332,7 @@ class Engine:
         self.metrics.step_seconds.labels(step.connector).observe(took)
         if (sent := _timestamp(delivery["sender_created_at"])) is not None:
             self.metrics.lag_seconds.labels(recipe).observe(max(time.time() - sent, 0.0))
-        log.info("run %s step %s succeeded in %.0f ms", run_id, step.id, took * 1000)
+        log.debug("run %s step %s succeeded in %.0f ms", run_id, step.id, took * 1000)
         return "succeeded"
 
     def _rate_limited(self, step: Step) -> float | None:

@@ -96,7 +96,7 @@ def create_intake(app: App) -> Starlette:
             except _STORE_ERRORS:  # the sender's retry then meets a stuck duplicate, re-enqueued below
                 log.error("could not withdraw delivery %s after the broker failed", delivery_id)
             return error(503, "queue unavailable, retry later")
-        log.info("delivery %s accepted (%s)", delivery_id, facts.event)
+        log.debug("delivery %s accepted (%s)", delivery_id, facts.event)
         return JSONResponse({"delivery_id": delivery_id, "duplicate": False}, status_code=202)
 
     def _requeue_if_stuck(delivery_id: str) -> None:

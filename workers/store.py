@@ -179,7 +179,9 @@ class Store:
             parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not SQLAlchemy's psycopg2 default
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            # Pool as large as the threads that use it (uvicorn's thread pool, worker threads):
+            # a connection opened per call pays its PRAGMAs every time.
+            kwargs.update(connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=30)
             if parsed.database and parsed.database != ":memory:":
                 _create_private_file(Path(parsed.database))
         else:
