@@ -1,6 +1,7 @@
 """``python -m bench``: run the stages, print the table, write bench/results/<stamp>.json and latest.json.
 
-Stages: intake (+ per-request parts and the Redis ceiling), e2e, worker, then the py-spy profiles.
+Stages: intake (+ per-request parts and the Redis ceiling), e2e, cluster (2 intakes + 2 workers on
+PostgreSQL and Redis), worker, then the py-spy profiles.
 Full run: about 4 minutes on 2 cores; ``--quick``: about 30 s. Loopback only.
 """
 
@@ -22,12 +23,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import components, e2e, intake, report, worker
+from bench import cluster, components, e2e, intake, report, worker
 from bench.flood import wrk_path
 from bench.procs import loadavg
 from bench.profile import py_spy
 
-STAGES = ("intake", "components", "e2e", "worker", "profile")
+STAGES = ("intake", "components", "e2e", "cluster", "worker", "profile")
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Above this 1-minute load average per core, other work competes with the bench: say so.
 BUSY_LOAD_PER_CORE = 0.5
@@ -157,6 +158,9 @@ def _memory(stages: dict[str, Any]) -> dict[str, float | None]:
     for cfg in stages.get("e2e", {}).get("configs", []):
         for name, value in cfg["peak_rss_mib"].items():
             mem[f"e2e {cfg['processes']}x{cfg['threads']}: {name}"] = value
+    for cfg in stages.get("cluster", {}).get("configs", []):
+        for name, value in cfg.get("peak_rss_mib", {}).items():
+            mem[f"cluster 2+2x{cfg['threads']}: {name}"] = value
     work = stages.get("worker", {})
     for d in work.get("drains", []):
         mem[f"worker: {d['recipes']} recipe(s), {d['log_level']}"] = d["peak_rss_mib"]
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             }, failures)
         if "e2e" in stages:
             results["e2e"] = _stage("e2e", lambda: e2e.run(ctx), failures)
+        if "cluster" in stages:
+            results["cluster"] = _stage("cluster", lambda: cluster.run(ctx), failures)
         if "worker" in stages:
             results["worker"] = _stage("worker", lambda: worker.run(ctx), failures)
         if "profile" in stages and ctx.remaining() < ctx.profile_seconds + 20:

@@ -43,10 +43,12 @@ class Sink:
         self.child.stop()
 
 
-def _send(ctx: Any, port: int, tag: str, n: int, rate: float | None) -> dict[str, Any]:
+def _send(ctx: Any, port: int | list[int], tag: str, n: int, rate: float | None) -> dict[str, Any]:
+    """``n`` webhooks from bench.loadgen; several ports: alternately to each intake."""
     out = ctx.tmp / f"send-{tag}.json"
     mode = ["paced", "--rate", str(rate), "--connections", "64"] if rate else ["flood", "--connections", "32"]
-    argv = [procs.PYTHON, "-m", "bench.loadgen", *mode, "--port", str(port), "--tag", tag, "--n", str(n),
+    ports = [a for p in (port if isinstance(port, list) else [port]) for a in ("--port", str(p))]
+    argv = [procs.PYTHON, "-m", "bench.loadgen", *mode, *ports, "--tag", tag, "--n", str(n),
             "--out", str(out)]
     subprocess.run(argv, check=True, cwd=procs.ROOT, timeout=n / (rate or 50) + 120)
     result = json.loads(out.read_text())
@@ -69,7 +71,7 @@ def _drain(sink: Sink, tag: str, n: int, deadline: float) -> float:
     return round(time.monotonic() - start, 2)
 
 
-def one_rate(ctx: Any, sink: Sink, port: int, tag: str, n: int, rate: float | None) -> dict[str, Any]:
+def one_rate(ctx: Any, sink: Sink, port: int | list[int], tag: str, n: int, rate: float | None) -> dict[str, Any]:
     sent = _send(ctx, port, tag, n, rate)
     waited = _drain(sink, tag, n, deadline=time.monotonic() + min(max(60.0, n / 20), max(ctx.remaining() - 10, 15)))
     arrivals = sink.dump(tag)

@@ -1,6 +1,7 @@
 """A load generator in a process of its own: raw HTTP/1.1 keep-alive over asyncio, every body signed and distinct.
 
 ``flood``: ``--connections`` closed loops for ``--duration`` seconds (or until ``--n`` requests).
+Several ``--port`` s: request ``i`` goes to the ``i % len(ports)``-th (a cluster's intakes, alternately).
 ``paced``: ``--n`` requests at ``--rate`` per second, open loop (a request is sent at its time
 whether or not earlier ones were answered), each send time recorded for end-to-end latency.
 Writes one JSON document to ``--out``. Used when ``wrk`` is missing, and for the paced runs.
@@ -70,7 +71,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 
 async def flood(args: argparse.Namespace, bodies: Bodies) -> dict[str, Any]:
-    host = f"{args.host}:{args.port}"
+    ports = args.ports
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
     sends: list[tuple[str, float]] = []
@@ -79,19 +80,21 @@ async def flood(args: argparse.Namespace, bodies: Bodies) -> dict[str, Any]:
     stop_at = start + args.duration if args.duration else float("inf")
 
     async def loop() -> None:
-        conn = Connection(args.host, args.port)
+        conns = [Connection(args.host, port) for port in ports]  # request i goes to ports[i % len(ports)]
         while time.perf_counter() < stop_at:
             i = next(counter)
             if args.n and i >= args.n:
                 break
-            request = bodies.request(i, host, args.path)
+            conn = conns[i % len(ports)]
+            request = bodies.request(i, f"{args.host}:{conn.port}", args.path)
             t0 = time.perf_counter()
             if args.n:  # a counted flood feeds the end-to-end figures: keep each send time
                 sends.append((bodies.uid(i), time.monotonic()))
             status = await conn.exchange(request)
             latencies.append(time.perf_counter() - t0)
             statuses[status] += 1
-        conn.close()
+        for conn in conns:
+            conn.close()
 
     await asyncio.gather(*(loop() for _ in range(args.connections)))
     elapsed = time.perf_counter() - start
@@ -100,19 +103,21 @@ async def flood(args: argparse.Namespace, bodies: Bodies) -> dict[str, Any]:
 
 
 async def paced(args: argparse.Namespace, bodies: Bodies) -> dict[str, Any]:
-    host = f"{args.host}:{args.port}"
-    pool: asyncio.Queue[Connection] = asyncio.Queue()
-    for _ in range(args.connections):
-        pool.put_nowait(Connection(args.host, args.port))
+    ports = args.ports
+    pools: list[asyncio.Queue[Connection]] = [asyncio.Queue() for _ in ports]
+    for pool, port in zip(pools, ports, strict=True):
+        for _ in range(max(1, args.connections // len(ports))):
+            pool.put_nowait(Connection(args.host, port))
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
     sends: list[tuple[str, float]] = []
     tasks = []
 
     async def send(i: int, scheduled: float) -> None:
+        pool = pools[i % len(ports)]  # alternate between the intakes
         conn = await pool.get()
         try:
-            request = bodies.request(i, host, args.path)
+            request = bodies.request(i, f"{args.host}:{conn.port}", args.path)
             status = await conn.exchange(request)
         finally:
             pool.put_nowait(conn)
@@ -129,8 +134,9 @@ async def paced(args: argparse.Namespace, bodies: Bodies) -> dict[str, Any]:
         tasks.append(asyncio.create_task(send(i, scheduled)))
     sent_done = time.monotonic()
     await asyncio.gather(*tasks)
-    while not pool.empty():
-        pool.get_nowait().close()
+    for pool in pools:
+        while not pool.empty():
+            pool.get_nowait().close()
     return {"elapsed_s": round(time.monotonic() - start, 3), "send_s": round(sent_done - start, 3),
             "requests": sum(statuses.values()), "statuses": {str(k): v for k, v in sorted(statuses.items())},
             **percentiles(latencies), "sends": sends}
@@ -140,7 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
     parser.add_argument("mode", choices=["flood", "paced"])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, action="append", dest="ports", required=True,
+                        help="the intake's port; repeat it to alternate requests between several intakes")
     parser.add_argument("--path", default=WEBHOOK_PATH)
     parser.add_argument("--tag", required=True, help="prefix of every body's unique id")
     parser.add_argument("--connections", type=int, default=32)

@@ -110,35 +110,73 @@ def components(res: dict[str, Any]) -> str:
     return _table(rows)
 
 
-def e2e(res: dict[str, Any]) -> str:
-    if (err := _error(res)) or not res:
-        return err or "  (not run)"
-    rows = [["procs x threads", "rate/s", "sent/s", "completed/s", "ratio", "e2e p50 ms", "e2e p99 ms",
-             "intake p50/p99 ms", "arrived", "lost", "dup", "exactly once"]]
-    for cfg in res["configs"]:
+def _e2e_rows(configs: list[dict[str, Any]], label: str = "") -> list[list[str]]:
+    rows = []
+    for cfg in configs:
+        who = f"{label}{cfg['processes']}"
         if "skipped" in cfg:
-            rows.append([f"{cfg['processes']} x -", "skipped", cfg["skipped"], *[""] * 9])
+            rows.append([f"{who} x -", "skipped", cfg["skipped"], *[""] * 9])
             continue
         for r in cfg["rates"]:
             if "skipped" in r:
-                rows.append([f"{cfg['processes']} x {cfg['threads']}", _n(r["rate"]), "skipped", *[""] * 9])
+                rows.append([f"{who} x {cfg['threads']}", _n(r["rate"]), "skipped", r["skipped"], *[""] * 8])
                 continue
             ratio = r["completed_s"] / r["sent_rate"] if r["completed_s"] and r["sent_rate"] else None
-            rows.append([f"{cfg['processes']} x {cfg['threads']}", _n(r["rate"]), _n(r["sent_rate"]),
+            rows.append([f"{who} x {cfg['threads']}", _n(r["rate"]), _n(r["sent_rate"]),
                          _n(r["completed_s"], 1), _ratio(ratio), _n(r["e2e_p50_ms"], 1), _n(r["e2e_p99_ms"], 1),
                          f"{_n(r['intake_p50_ms'], 1)}/{_n(r['intake_p99_ms'], 1)}",
                          f"{r['arrived']:,}/{r['n']:,}", _n(r["lost"]), _n(r["duplicates"]), _n(r["exactly_once"])])
-    notes = ["  ratio: completed/s over sent/s (1.00x: it keeps up with what is offered)."]
-    for cfg in res["configs"]:
+    return rows
+
+
+def e2e(res: dict[str, Any], cluster_res: dict[str, Any] | None = None) -> str:
+    """The single-process end-to-end rows, and the cluster's beside them (same columns) when it ran."""
+    cluster_res = cluster_res or {}
+    if not res and not cluster_res:
+        return "  (not run)"
+    rows = [["procs x threads", "rate/s", "sent/s", "completed/s", "ratio", "e2e p50 ms", "e2e p99 ms",
+             "intake p50/p99 ms", "arrived", "lost", "dup", "exactly once"]]
+    notes = []
+    if err := _error(res):
+        notes.append(err.replace("stage failed", "e2e stage failed"))
+    elif res:
+        rows += _e2e_rows(res["configs"], "run: ")
+    else:
+        notes.append("  e2e (vivoflow run): not run")
+    if err := _error(cluster_res):
+        notes.append(err.replace("stage failed", "cluster stage failed"))
+    elif "skipped" in cluster_res:
+        notes.append(f"  cluster: skipped: {cluster_res['skipped']}")
+    elif cluster_res:
+        rows += _e2e_rows(cluster_res["configs"], "cluster: ")
+    notes.append("  ratio: completed/s over sent/s (1.00x: it keeps up with what is offered).")
+    for cfg in res.get("configs", []) if not _error(res) else []:
         if "skipped" in cfg:
             continue
-        notes.append(f"  {cfg['processes']} worker process(es): intake CPU {_n(cfg['intake_cpu_ms_per_request'], 2)} "
-                     f"ms/request, workers CPU {_n(cfg['worker_cpu_ms_per_run'], 2)} ms/run; peak RSS MiB "
+        notes.append(f"  run: {cfg['processes']} worker process(es): intake CPU "
+                     f"{_n(cfg['intake_cpu_ms_per_request'], 2)} ms/request, workers CPU "
+                     f"{_n(cfg['worker_cpu_ms_per_run'], 2)} ms/run; peak RSS MiB "
                      + ", ".join(f"{k} {_n(v, 1)}" for k, v in cfg["peak_rss_mib"].items()))
+    if cluster_res.get("configs") and not _error(cluster_res):
+        broker = cluster_res["broker"]
+        store = cluster_res["store"]
+        notes.append(f"  cluster: 2 x `vivoflow serve` (requests alternate between them) + 2 x `vivoflow worker "
+                     f"--processes 1`; store PostgreSQL (schema {store['schema']}, dropped after), broker "
+                     f"{broker['kind']} Redis {broker['url']}"
+                     + (f" -- {broker['note']}" if broker.get("note") else ""))
+        for cfg in cluster_res["configs"]:
+            st = cfg.get("store", {})
+            notes.append(f"  cluster: db upgrade {_n(cfg.get('db_upgrade_s'), 1)} s, all four ready after "
+                         f"{_n(cfg.get('ready_s'), 1)} s; intakes CPU {_n(cfg.get('intake_cpu_ms_per_request'), 2)} "
+                         f"ms/request, workers CPU {_n(cfg.get('worker_cpu_ms_per_run'), 2)} ms/run; runs per "
+                         f"worker {cfg.get('runs_per_worker')}; store after: {_n(st.get('stored'))} deliveries "
+                         f"({_n(st.get('processed'))} processed), runs {st.get('runs')}")
+            notes.append("  cluster: peak RSS MiB " + ", ".join(f"{k} {_n(v, 1)}" for k, v in
+                                                               cfg["peak_rss_mib"].items()))
     peers = "; ".join(f"{k} {v['throughput_s']:g}/s p50 {v['e2e_p50_ms']:,g} p99 {v['e2e_p99_ms']:,g} ms"
                       for k, v in PEERS["e2e"].items())
     notes.append(f"  peers (2,000 webhooks): {peers}")
-    return _table(rows) + "\n" + "\n".join(notes)
+    return (_table(rows) if len(rows) > 1 else "") + "\n" + "\n".join(notes)
 
 
 def worker(res: dict[str, Any]) -> str:
@@ -216,7 +254,8 @@ def render(result: dict[str, Any]) -> str:
                 "Starlette on the same uvicorn settings)", intake(stages.get("intake", {})),
                 "\n   Per-request parts and the broker's ceiling", components(stages.get("components", {})),
                 "\n2. End to end: intake -> queue -> recipe (condition, http.request, log.write) -> sink "
-                "(vivoflow run)", e2e(stages.get("e2e", {})),
+                "(run: `vivoflow run`, SQLite, embedded Redis; cluster: 2 x `vivoflow serve` + 2 x `vivoflow "
+                "worker`, PostgreSQL, Redis)", e2e(stages.get("e2e", {}), stages.get("cluster")),
                 "\n3. Worker throughput: one worker process, pre-filled queue, no-op step",
                 worker(stages.get("worker", {})),
                 "\n4. Memory", memory(result),

@@ -36,7 +36,7 @@ from jinja2.utils import Namespace
 # is handed enough to run long. A template past a limit fails its step with TemplateLimitError
 # saying which limit; the worker goes on with the next message.
 
-#: Longest one render may take. Recipes render in milliseconds; a template still running after
+#: Most CPU time one render may take. Recipes render in milliseconds; a template still running after
 #: this is a loop gone wrong (or an attack), and it holds a worker thread while it runs.
 RENDER_SECONDS = 2.0
 #: Most characters one template may output, and most that any value it prints may hold (1 MB):
@@ -55,13 +55,14 @@ class TemplateLimitError(SecurityError):
     """A template went past one of the limits above; the message says which."""
 
 
-#: When the render running in this thread (or task) must stop; None outside a render.
+#: When the render running in this thread must stop, in the thread's CPU time (``time.thread_time``):
+#: a busy machine slows a render down without making it any more expensive. None outside a render.
 _deadline: ContextVar[float | None] = ContextVar("vivoflow_render_deadline", default=None)
 
 
 def _check_time() -> None:
     deadline = _deadline.get()
-    if deadline is not None and time.monotonic() > deadline:
+    if deadline is not None and time.thread_time() > deadline:
         raise TemplateLimitError(f"template took longer than {RENDER_SECONDS:g} s")
 
 
@@ -420,7 +421,7 @@ def limited(render: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(render)
     def run(*args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + RENDER_SECONDS
+        deadline = time.thread_time() + RENDER_SECONDS
         outer = _deadline.get()
         token = _deadline.set(deadline if outer is None else min(deadline, outer))
         try:
