@@ -152,6 +152,21 @@ def make_config(tmp_path: Path, broker_url: str, namespace: str, store_url: str)
 
 
 @pytest.fixture
+def start_intake(make_config: Callable[..., Path]) -> Iterator[Callable[..., Vivoflow]]:
+    """Start the intake alone (no worker) over real HTTP, ``sections`` changed; stopped afterwards."""
+    started: list[Vivoflow] = []
+
+    def start(**sections: Any) -> Vivoflow:
+        flow = Vivoflow(make_config(**sections), worker=False).start()
+        started.append(flow)
+        return flow
+
+    yield start
+    for flow in started:
+        flow.stop()
+
+
+@pytest.fixture
 def recipes_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "recipes"
     folder.mkdir(exist_ok=True)

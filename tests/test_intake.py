@@ -11,7 +11,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -27,21 +26,6 @@ VIVO_HEADER = "Vivocalendar-Webhook-Signature"
 CALENDLY_HEADER = "Calendly-Webhook-Signature"
 #: A small body limit for the 413 tests; the shipped samples fit under it.
 SMALL_LIMIT = 4096
-
-
-@pytest.fixture
-def start_intake(make_config: Callable[..., Path]) -> Iterator[Callable[..., Vivoflow]]:
-    """Start the intake alone (no worker) from this test's config, ``sections`` changed."""
-    started: list[Vivoflow] = []
-
-    def start(**sections: Any) -> Vivoflow:
-        flow = Vivoflow(make_config(**sections), worker=False).start()
-        started.append(flow)
-        return flow
-
-    yield start
-    for flow in started:
-        flow.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Vivoflow
 from tests.security.inprocess import InProcessIntake
 
 #: Loggers that do not propagate to the root logger caplog listens on (uvicorn configures its own).
@@ -32,21 +31,6 @@ def inprocess(make_config: Callable[..., Path]) -> Iterator[Callable[..., InProc
     yield build
     for intake in built:
         intake.close()
-
-
-@pytest.fixture
-def start_intake(make_config: Callable[..., Path]) -> Iterator[Callable[..., Vivoflow]]:
-    """Start the intake alone over real HTTP (uvicorn), ``sections`` changed; stopped afterwards."""
-    started: list[Vivoflow] = []
-
-    def start(**sections: Any) -> Vivoflow:
-        flow = Vivoflow(make_config(**sections), worker=False).start()
-        started.append(flow)
-        return flow
-
-    yield start
-    for flow in started:
-        flow.stop()
 
 
 @pytest.fixture
