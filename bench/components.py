@@ -74,7 +74,8 @@ def store_statement_forms(folder: Path, seconds: float) -> dict[str, Any]:
 
     import sqlalchemy as sa
 
-    from workers.store import Store, runs
+    from workers.schema import runs
+    from workers.store import Store
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "forms.db"

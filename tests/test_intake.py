@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from tests.harness import SIGNING_KEY, Vivoflow, fixture_body, wait_until
 from workers.broker import EmbeddedRedis
 from workers.config import SIGNING_KEY_FILE
+from workers.schema import deliveries
 from workers.signing import sign
-from workers.store import deliveries
 
 VIVO_HEADER = "Vivocalendar-Webhook-Signature"
 CALENDLY_HEADER = "Calendly-Webhook-Signature"

@@ -23,7 +23,7 @@ from connectors.vivocalendar import VivocalendarApi
 from tests.fake_vivocalendar import SAMPLE_BASE, TOKEN, FakeVivocalendar
 from tests.harness import Vivoflow, fixture_body, wait_until
 from workers.reconcile import RECONCILER, reconcile, reconciler
-from workers.store import deliveries as table
+from workers.schema import deliveries as table
 
 #: The samples' booking was made 2027-02-01 10:00 and canceled 2027-02-02 09:00 (UTC).
 NOW = datetime(2027, 2, 2, 12, 0, tzinfo=UTC)

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.harness import Vivoflow, fixture_body, wait_until
-from workers import store as tables
+from workers import schema as tables
 from workers.runner import background_chores, prune
 
 #: These run on SQLite and, where one answers, PostgreSQL.

@@ -12,7 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from workers.config import load_config
-from workers.store import Store, metadata
+from workers.schema import metadata
+from workers.store import Store
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 

@@ -31,7 +31,7 @@ from workers.durations import parse_duration
 from workers.errors import VivoflowError
 from workers.events import EVENTS
 from workers.replay import Replayer
-from workers.store import STATUSES
+from workers.schema import STATUSES
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from workers.app import App
 from workers.config import load_config
 from workers.intake import create_intake
-from workers.store import deliveries
+from workers.schema import deliveries
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from tests.security.conftest import assert_no_traceback
 from tests.security.inprocess import Answer, InProcessIntake
 from tests.test_intake import read_response
 from workers.events import Envelope
+from workers.schema import deliveries
 from workers.signing import sign
-from workers.store import deliveries
 
 VIVO = b"vivocalendar-webhook-signature"
 CALENDLY = b"calendly-webhook-signature"
