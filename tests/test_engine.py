@@ -6,6 +6,7 @@ Each test writes its own recipe, runs the real intake and worker, and talks to a
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,43 @@ def test_the_same_booking_delivered_again_with_a_new_timestamp_runs_nothing(
     assert delivery["duplicate_of"] == first
     assert vivoflow.runs(delivery["id"]) == []
     assert len(smtp_sink.wait_for(2)) == 2
+
+
+def test_a_delay_longer_than_the_broker_holds_is_chained(
+    run_recipe: Callable[..., Vivoflow], redis_url: str
+) -> None:
+    """A 2-day reminder never sits whole in the broker: it sleeps at most MAX_DELAY_MS at a time,
+    and waking up early just schedules the rest."""
+    import dramatiq
+    import redis as redis_client
+
+    from workers.actors import MAX_DELAY_MS
+
+    vivoflow = run_recipe(DELAYED.replace("delay: 1s", "delay: 2d"))
+    vivoflow.stop_worker()  # the delayed messages stay in Redis, where the test can read them
+    engine = vivoflow.intake_app.engine
+    queue = vivoflow.intake_app.queue
+    client = redis_client.Redis.from_url(redis_url)
+    delayed = f"{queue.broker.namespace}:{queue.name}.DQ.msgs"
+
+    def etas() -> list[int]:
+        return sorted(dramatiq.Message.decode(m).options["eta"] for m in client.hvals(delayed))
+
+    delivery_id = vivoflow.post(fixture_body("invitee.created")).json()["delivery_id"]
+    client.delete(f"{queue.broker.namespace}:{queue.name}", f"{queue.broker.namespace}:{queue.name}.msgs")
+    engine.run_delivery(delivery_id)  # as the worker would
+    run = vivoflow.runs(delivery_id)[0]
+    later = steps_of(vivoflow, run["id"])["later"]
+
+    assert run["status"] == "scheduled"
+    assert later["due_at"] - time.time() > 2 * 86400 - 60
+    [first] = etas()
+    assert first / 1000 - time.time() <= MAX_DELAY_MS / 1000 + 1
+
+    client.delete(delayed)
+    engine.resume_run(run["id"])  # the wake-up, a day and a half early
+
+    assert steps_of(vivoflow, run["id"])["later"]["status"] == "scheduled"
+    [second] = etas()
+    assert second / 1000 - time.time() <= MAX_DELAY_MS / 1000 + 1
+    client.close()
