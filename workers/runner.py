@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from connectors.vivocalendar import VivocalendarApi, VivocalendarConfig
 from workers.app import App
 from workers.broker import EmbeddedRedis
 from workers.config import Config
+from workers.errors import VivoflowError
 from workers.intake import create_intake
 from workers.logs import redact_secrets
 from workers.periodic import Periodic
@@ -40,6 +42,7 @@ BROKER_URL_ENV = "VIVOFLOW_BROKER_URL"
 
 def serve(app: App) -> None:
     """Run the intake (and background reconciliation, when a token is set) until SIGINT/SIGTERM."""
+    ensure_port_free(app.config.intake.host, app.config.intake.port)
     redact_secrets(app.secrets())
     intake = app.config.intake
     log.info("intake listening on http://%s:%s%s", intake.host, intake.port, intake.path)
@@ -149,8 +152,20 @@ class WorkerProcesses:
                 child.wait()
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    """Fail in one line before starting anything if the intake's address is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise VivoflowError(f"intake {host}:{port} is not available ({exc.strerror}): stop what holds it "
+                                "(another vivoflow?) or set intake.port") from None
+
+
 def run_all(config: Config) -> None:
     """``vivoflow run``: embedded broker (or the configured Redis), workers, intake."""
+    ensure_port_free(config.intake.host, config.intake.port)
     embedded = EmbeddedRedis(config.broker.data_dir) if config.broker.url == "embedded" else None
     broker_url = embedded.start() if embedded else config.broker.url
     workers: WorkerProcesses | None = None
