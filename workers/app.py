@@ -18,8 +18,9 @@ from connectors.base import ConnectorRegistry
 from workers.actors import Queue, declare_actors
 from workers.broker import make_broker, redis_url
 from workers.config import SIGNING_KEY_FILE, Config
-from workers.engine import Engine, Redactor, RetryPolicy
+from workers.engine import Engine, RetryPolicy
 from workers.recipes import RecipeFolder
+from workers.redaction import Redactor
 from workers.store import Store
 from workers.templating import Templates
 

@@ -9,10 +9,9 @@ resumes at the step that was waiting; the steps before it are not repeated.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +27,7 @@ from workers.events import RESCHEDULED, Envelope, build_context, build_reschedul
 from workers.logs import log_context
 from workers.metrics import Metrics, process_metrics
 from workers.recipes import Recipe, RecipeFolder, Step
+from workers.redaction import Redactor
 from workers.store import Store
 
 log = logging.getLogger("vivoflow.engine")
@@ -55,24 +55,6 @@ class RetryPolicy:
             attempt - 1, factor=int(self.min_seconds * 1000), max_backoff=int(self.max_seconds * 1000)
         )
         return int(backoff)
-
-
-class Redactor:
-    """Replaces configured secrets with ``********`` wherever a value is about to be stored or logged."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret containing another is replaced whole.
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-
-    def __call__(self, value: Any) -> Any:
-        if not self.secrets or value is None:
-            return value
-        text = json.dumps(value, default=str)
-        if not any(secret in text for secret in self.secrets):
-            return value
-        for secret in self.secrets:
-            text = text.replace(json.dumps(secret)[1:-1], "********")
-        return json.loads(text)
 
 
 class Engine:

@@ -16,6 +16,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from workers.redaction import Redactor
+
 IDS = ("delivery_id", "run_id", "step_id")
 _ids: ContextVar[dict[str, str]] = ContextVar("vivoflow_log_ids", default={})  # noqa: B039 - never mutated
 
@@ -52,21 +54,16 @@ class RedactFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-
-    def _clean(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "********")
-        return text
+        self.redact = Redactor(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
+        if self.redact.secrets:
             message = record.getMessage()
-            cleaned = self._clean(message)
+            cleaned = self.redact.text(message)
             if cleaned != message:
                 record.msg, record.args = cleaned, None
             if record.exc_info:
-                record.exc_text = self._clean(logging.Formatter().formatException(record.exc_info))
+                record.exc_text = self.redact.text(logging.Formatter().formatException(record.exc_info))
                 record.exc_info = None
         return True
 

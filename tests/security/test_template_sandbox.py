@@ -23,8 +23,9 @@ from tests.security.conftest import assert_no_traceback
 from tests.security.inprocess import InProcessIntake
 from workers.app import App
 from workers.config import load_config
-from workers.engine import Engine, Redactor
+from workers.engine import Engine
 from workers.recipes import RecipeFolder
+from workers.redaction import Redactor
 from workers.sandbox import RENDER_SECONDS
 from workers.signing import sign
 
