@@ -211,7 +211,7 @@ def test_reschedule_halves_posted_at_once_fire_rescheduled_once_every_time(start
     pairs = [post_at_once(vivoflow, list(reschedule_halves(f"R{n}"))) for n in range(8)]
 
     one_rescheduled_run_per_pair(vivoflow, pairs)
-    assert len([r for r in vivoflow.store.list_runs(limit=100) if r["event"] == RESCHEDULED]) == len(pairs)
+    assert len([r for r in vivoflow.store.page_runs(limit=100) if r["event"] == RESCHEDULED]) == len(pairs)
 
 
 class CountProcessed(dramatiq.Middleware):
@@ -250,7 +250,7 @@ def test_reschedule_halves_raced_across_two_workers_fire_rescheduled_once(start:
 
     assert first.count and second.count, "one worker took every message: the race was not across workers"
     one_rescheduled_run_per_pair(vivoflow, pairs)
-    assert len([r for r in vivoflow.store.list_runs(limit=100) if r["event"] == RESCHEDULED]) == len(pairs)
+    assert len([r for r in vivoflow.store.page_runs(limit=100) if r["event"] == RESCHEDULED]) == len(pairs)
 
 
 # --- order, supersession, duplicates ------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_the_same_cancellation_delivered_again_runs_nothing(vivoflow: Vivoflow, 
     delivery = vivoflow.wait_processed(again.json()["delivery_id"])
     assert delivery["duplicate_of"] == first
     assert vivoflow.runs(delivery["id"]) == []
-    assert [r["recipe"] for r in vivoflow.store.list_runs()] == ["cancel-followup"]
+    assert [r["recipe"] for r in vivoflow.store.page_runs()] == ["cancel-followup"]
     assert len(smtp_sink.messages) == 2
 
 

@@ -255,7 +255,7 @@ def test_two_intakes_and_two_workers_give_the_same_results_as_one(
             deliveries = [store.get_delivery(d) for d in all_ids]
             if not all(d and d["processed_at"] for d in deliveries):
                 return None
-            runs = store.list_runs(limit=1000)
+            runs = store.page_runs(limit=1000)
             if any(r["status"] not in FINISHED for r in runs):
                 return None
             expected_calls = BOOKINGS + 2 * RESCHEDULES  # a booking each, a new half and a reschedule a pair
@@ -264,7 +264,7 @@ def test_two_intakes_and_two_workers_give_the_same_results_as_one(
         try:
             runs = wait_until(settled, timeout=30, interval=0.1)
         except AssertionError:
-            statuses = Counter(r["status"] for r in store.list_runs(limit=1000))
+            statuses = Counter(r["status"] for r in store.page_runs(limit=1000))
             raise AssertionError(f"not settled after 30 s: runs {dict(statuses)}, "
                                  f"{len(sink.received())} call(s) at the sink") from None
         deliveries = store.page_deliveries(limit=1000)

@@ -83,7 +83,7 @@ def booking(i: int) -> bytes:
 
 def finished_runs(store: Store, delivery_ids: set[str]) -> list[dict[str, Any]] | None:
     """The runs of ``delivery_ids`` once each delivery has a finished one, else None."""
-    runs = [r for r in store.list_runs(limit=10 * len(delivery_ids) + 100) if r["delivery_id"] in delivery_ids]
+    runs = [r for r in store.page_runs(limit=10 * len(delivery_ids) + 100) if r["delivery_id"] in delivery_ids]
     done = {r["delivery_id"] for r in runs if r["status"] in FINISHED}
     return runs if done == delivery_ids else None
 
@@ -93,7 +93,7 @@ def wait_for_finished_runs(store: Store, delivery_ids: set[str], timeout: float)
     try:
         return wait_until(lambda: finished_runs(store, delivery_ids), timeout=timeout, interval=0.2)
     except AssertionError:
-        runs = [r for r in store.list_runs(limit=10 * len(delivery_ids) + 100) if r["delivery_id"] in delivery_ids]
+        runs = [r for r in store.page_runs(limit=10 * len(delivery_ids) + 100) if r["delivery_id"] in delivery_ids]
         statuses = Counter(r["status"] for r in runs)
         raise AssertionError(f"after {timeout}s, {len(delivery_ids) - len(runs)} of {len(delivery_ids)} "
                              f"deliveries have no run; runs by status: {dict(statuses)}") from None

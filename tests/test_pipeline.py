@@ -68,7 +68,7 @@ def test_duplicate_delivery_runs_once(vivoflow: Vivoflow, smtp_sink: Any) -> Non
     smtp_sink.wait_for(2)
     # A third post, after processing, is still the same delivery.
     assert vivoflow.post(body).json()["duplicate"] is True
-    assert len(vivoflow.store.list_runs()) == 1
+    assert len(vivoflow.store.page_runs()) == 1
     assert len(smtp_sink.messages) == 2
 
 

@@ -232,7 +232,7 @@ def dead_letter(vivoflow: Vivoflow) -> dict[str, Any]:
     worker = dramatiq.Worker(queue.broker, worker_threads=1, worker_timeout=50)
     worker.start()
     try:
-        dead: list[dict[str, Any]] = wait_until(lambda: vivoflow.store.list_runs(status="failed"))
+        dead: list[dict[str, Any]] = wait_until(lambda: vivoflow.store.page_runs(status="failed"))
     finally:
         worker.stop(timeout=10_000)
     assert [(r["delivery_id"], r["recipe"], r["event"]) for r in dead] == [(delivery_id, "(delivery)", "(processing)")]

@@ -409,7 +409,7 @@ def runs(click_ctx: click.Context, status: str | None, recipe: str | None, limit
 
     store = Store(click_ctx.obj.config().store_url())
     store.create_schema()
-    rows = store.list_runs(status=status, recipe=recipe, limit=limit)
+    rows = store.page_runs(status=status, recipe=recipe, limit=limit)
     if not rows:
         click.echo("no runs match these filters" if status or recipe else "no runs yet")
         return

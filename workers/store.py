@@ -343,17 +343,6 @@ class Store:
             )
             return [dict(r._mapping) for r in rows]
 
-    def list_runs(
-        self, *, status: str | None = None, recipe: str | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
-        query = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
-        if status:
-            query = query.where(runs.c.status == status)
-        if recipe:
-            query = query.where(runs.c.recipe == recipe)
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
-
     # steps ------------------------------------------------------------------
 
     def steps_of(self, run_id: str) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ def test_a_captured_request_replayed_byte_for_byte_is_a_duplicate_and_runs_once(
         flow.wait_for_runs(delivery_id)
         flow.wait_processed(delivery_id)
         replays = [flow.http.post(flow.webhook_url, content=body, headers=captured) for _ in range(3)]
-        runs = flow.store.list_runs()
+        runs = flow.store.page_runs()
 
     assert [(r.status_code, r.json()) for r in replays] == [(200, {"delivery_id": delivery_id, "duplicate": True})] * 3
     assert [(r["delivery_id"], r["status"]) for r in runs] == [(delivery_id, "succeeded")]
