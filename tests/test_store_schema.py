@@ -38,9 +38,10 @@ def test_db_upgrade_command(make_config: Callable[..., Path]) -> None:
     assert done.stdout.startswith("store at head: ")
 
 
-def test_db_upgrade_against_a_database_that_does_not_answer_is_one_line(make_config: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["runs"], ["runs", "show", "run_x"]])
+def test_a_database_that_does_not_answer_is_one_line(make_config: Callable[..., Path], command: list[str]) -> None:
     config = make_config(store={"url": "postgresql://nobody@127.0.0.1:1/none"})
-    done = subprocess.run([sys.executable, "-m", "workers.cli", "--config", str(config), "db", "upgrade"],
+    done = subprocess.run([sys.executable, "-m", "workers.cli", "--config", str(config), *command],
                           capture_output=True, text=True, timeout=60)
 
     assert done.returncode == 1

@@ -377,15 +377,10 @@ def db() -> None:
 @pass_ctx
 def db_upgrade(ctx: Ctx, revision: str) -> None:
     """Apply the store's migrations (run, serve and worker also do it at start)."""
-    import sqlalchemy.exc
-
     from workers.store import Store, upgrade
 
     store = Store(ctx.config().store_url())
-    try:
-        upgrade(store.engine, revision)
-    except sqlalchemy.exc.OperationalError as exc:
-        raise VivoflowError(f"store.url: cannot reach the database ({str(exc.orig).strip().splitlines()[0]})") from None
+    upgrade(store.engine, revision)  # a database that does not answer: one line, from main()
     click.echo(f"store at {revision}: {store.engine.url.render_as_string(hide_password=True)}")
 
 
@@ -480,6 +475,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        unreachable = _unreachable(exc)
+        if unreachable is None:
+            raise  # a bug: keep its traceback
+        click.echo(f"vivoflow: {unreachable}", err=True)
+        sys.exit(1)
+
+
+def _unreachable(exc: Exception) -> str | None:
+    """A store or broker that does not answer, in one line (the libraries are looked up, not imported)."""
+    sa_exc, redis_exc, dramatiq_exc = (sys.modules.get(m) for m in ("sqlalchemy.exc", "redis.exceptions",
+                                                                      "dramatiq.errors"))
+    if sa_exc and isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        return f"store.url: cannot reach the database ({detail})"
+    if redis_exc and isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError) or (
+            dramatiq_exc and isinstance(exc, dramatiq_exc.BrokerConnectionError)):
+        return f"broker.url: cannot reach the broker ({str(exc).strip().splitlines()[0]})"
+    return None
 
 
 if __name__ == "__main__":
