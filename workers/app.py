@@ -16,6 +16,7 @@ from dramatiq import Broker
 
 from connectors.base import ConnectorRegistry
 from workers.actors import Queue, declare_actors
+from workers.admission import DeliveryWriter
 from workers.broker import make_broker, redis_url
 from workers.config import SIGNING_KEY_FILE, Config
 from workers.engine import Engine, RetryPolicy
@@ -102,6 +103,11 @@ class App:
     @cached_property
     def queue(self) -> Queue:
         return Queue(self.broker, self.config.broker.queue)
+
+    @cached_property
+    def admission(self) -> DeliveryWriter:
+        """The intake's group-committing writer."""
+        return DeliveryWriter(self.store, self.queue)
 
     def declare_actors(self) -> None:
         """Declare the actors once per App (a worker stopped and started again reuses them)."""

@@ -8,22 +8,20 @@ retries, never a half-written delivery.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import time
 from typing import Any
 
-import anyio
-import redis
-import sqlalchemy.exc
-from dramatiq.errors import BrokerConnectionError
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
+from workers.admission import Unavailable
 from workers.app import App
 from workers.dashboard import dashboard_routes
 from workers.events import Envelope, delivery_facts
@@ -32,119 +30,146 @@ from workers.signing import SIGNATURE_HEADERS, SignatureError, verify
 
 log = logging.getLogger("vivoflow.intake")
 
-#: A stored delivery still unprocessed this long after it arrived is enqueued again on a duplicate.
-REQUEUE_AFTER_SECONDS = 60
-
 #: The ``outcome`` label of ``vivoflow_webhooks`` for each answer.
 OUTCOMES = {202: "accepted", 200: "duplicate", 401: "unauthorized", 413: "too_large", 400: "bad_request",
             408: "timeout", 503: "unavailable"}
-
-_STORE_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DBAPIError)
-_BROKER_ERRORS = (redis.RedisError, BrokerConnectionError, OSError)
-
-
-def error(status: int, message: str, *, close: bool = False) -> JSONResponse:
-    # `Connection: close` after a refused body: otherwise the server keeps reading (and
-    # discarding) whatever the client goes on sending on that connection.
-    headers = {"Connection": "close"} if close else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The raw body, refused as soon as it passes ``limit`` bytes (never buffered past it)."""
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-def create_intake(app: App) -> Starlette:
-    """The ASGI application: the webhook path, ``/healthz`` and ``/readyz``."""
-    intake = app.config.intake
+def parse(body: bytes) -> Envelope:
+    """The envelope, parsed once by the parser the workers use; ``ValueError`` says what is wrong.
 
-    def accept(envelope: Envelope, body: bytes) -> JSONResponse:
+    Only a refused body is looked at again (by ``json``), to tell malformed JSON from JSON of
+    the wrong shape: the accepted path pays for one parse.
+    """
+    try:
+        return Envelope.model_validate_json(body)
+    except ValidationError as exc:
+        problem = exc
+    try:
+        data: Any = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise ValueError("body is not valid UTF-8 JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("event"), str) or "payload" not in data:
+        raise ValueError("body must be a JSON object with 'event' (a string) and 'payload'")
+    err = problem.errors()[0]
+    where = ".".join(map(str, err["loc"]))
+    raise ValueError(f"{where}: {err['msg']}" if where else err["msg"])
+
+
+class Webhook:
+    """``POST {intake.path}`` as a bare ASGI app, the one path that takes the flood.
+
+    Starlette's request and response objects cost about as much as storing the delivery
+    does once deliveries are written in batches; here the headers are read straight from
+    the ASGI scope and the answer is two ``send`` calls. Everything else the intake serves
+    goes through Starlette.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.config.intake
+        self.counter = process_metrics().webhooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status, answer, close = await self.answer(scope, receive)
+        except Exception:  # a bug: one JSON line for the sender, the trace for us
+            log.exception("webhook failed")
+            status, answer, close = 500, {"error": "internal error"}, False
+        self.counter.labels(OUTCOMES.get(status, str(status))).inc()
+        body = json.dumps(answer).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:
+            # After a refused body: otherwise the server keeps reading (and discarding)
+            # whatever the client goes on sending on that connection.
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def answer(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any], bool]:
+        """``(status, JSON answer, close the connection)`` for one webhook (SPEC §4)."""
+        settings = self.settings
+        wanted: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in _WANTED_HEADERS and name not in wanted:  # the first of repeated headers, as Starlette
+                wanted[name] = value
+        try:
+            async with asyncio.timeout(settings.read_timeout_seconds):
+                body = await read_limited(receive, wanted.get(b"content-length"), settings.max_body_bytes)
+        except BodyTooLarge:
+            return 413, {"error": f"body larger than {settings.max_body_bytes} bytes"}, True
+        except TimeoutError:
+            return 408, {"error": "body not received in time"}, True
+        except ClientDisconnect:
+            return 400, {"error": "client disconnected"}, False
+        header = next((wanted[h].decode("latin-1") for h in _SIGNATURE_HEADERS if h in wanted), None)
+        try:
+            verify(header, body, self.app.signing_keys(), tolerance=settings.tolerance_seconds)
+        except SignatureError as exc:
+            return 401, {"error": str(exc)}, False
+        try:
+            envelope = parse(body)
+        except ValueError as exc:
+            return 400, {"error": str(exc)}, False
         facts = delivery_facts(envelope, body)
         try:
-            delivery_id, duplicate = app.store.insert_delivery({
+            admitted = await self.app.admission.admit({
                 "dedupe_key": facts.dedupe_key, "event": facts.event, "payload_uri": facts.uri,
                 "invitee_uri": facts.invitee_uri, "sender_created_at": facts.sender_created_at,
                 "body": body.decode("utf-8"),
             })
-        except _STORE_ERRORS as exc:
-            log.error("store unavailable: %s", type(exc).__name__)
-            return error(503, "run store unavailable, retry later")
-        if duplicate:
-            _requeue_if_stuck(delivery_id)
-            return JSONResponse({"delivery_id": delivery_id, "duplicate": True}, status_code=200)
-        try:
-            app.queue.delivery(delivery_id)
-        except _BROKER_ERRORS as exc:
-            log.error("broker unavailable: %s", type(exc).__name__)
-            try:
-                app.store.delete_delivery(delivery_id)
-            except _STORE_ERRORS:  # the sender's retry then meets a stuck duplicate, re-enqueued below
-                log.error("could not withdraw delivery %s after the broker failed", delivery_id)
-            return error(503, "queue unavailable, retry later")
-        log.debug("delivery %s accepted (%s)", delivery_id, facts.event)
-        return JSONResponse({"delivery_id": delivery_id, "duplicate": False}, status_code=202)
+        except Unavailable as exc:
+            return 503, {"error": str(exc)}, False
+        answer = {"delivery_id": admitted.delivery_id, "duplicate": admitted.duplicate}
+        return (200 if admitted.duplicate else 202), answer, False
 
-    def _requeue_if_stuck(delivery_id: str) -> None:
-        """A delivery stored by a process that died before enqueueing it runs on the sender's retry."""
-        try:
-            row = app.store.get_delivery(delivery_id)
-            if row and row["processed_at"] is None and time.time() - row["received_at"] > REQUEUE_AFTER_SECONDS:
-                app.queue.delivery(delivery_id)
-        except (*_STORE_ERRORS, *_BROKER_ERRORS):
-            pass  # the duplicate answer stands; the next retry tries again
 
-    counter = process_metrics().webhooks
+_SIGNATURE_HEADERS = tuple(h.encode() for h in SIGNATURE_HEADERS)
+_WANTED_HEADERS = frozenset({b"content-length", *_SIGNATURE_HEADERS})
 
-    async def webhook(request: Request) -> JSONResponse:
-        response = await receive(request)
-        counter.labels(OUTCOMES.get(response.status_code, str(response.status_code))).inc()
-        return response
 
-    async def receive(request: Request) -> JSONResponse:
-        try:
-            with anyio.fail_after(intake.read_timeout_seconds):
-                body = await read_limited(request, intake.max_body_bytes)
-        except BodyTooLarge:
-            return error(413, f"body larger than {intake.max_body_bytes} bytes", close=True)
-        except TimeoutError:
-            return error(408, "body not received in time", close=True)
-        except ClientDisconnect:
-            return error(400, "client disconnected")
-        header = next((request.headers[h] for h in SIGNATURE_HEADERS if h in request.headers), None)
-        try:
-            verify(header, body, app.signing_keys(), tolerance=intake.tolerance_seconds)
-        except SignatureError as exc:
-            return error(401, str(exc))
-        try:
-            data: Any = json.loads(body.decode("utf-8"))
-        except (ValueError, RecursionError):
-            return error(400, "body is not valid UTF-8 JSON")
-        if not isinstance(data, dict) or not isinstance(data.get("event"), str) or "payload" not in data:
-            return error(400, "body must be a JSON object with 'event' (a string) and 'payload'")
-        try:
-            # Parsed again by the parser the workers use, so nothing is accepted that they cannot read
-            # (json.loads takes lone surrogate escapes and deeper nesting than pydantic does).
-            envelope = Envelope.model_validate_json(body)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            return error(400, f"{where}: {err['msg']}" if where else err["msg"])
-        return await run_in_threadpool(accept, envelope, body)
+class Intake(Starlette):
+    """The intake's routes, with the webhook path dispatched before Starlette's routing."""
+
+    def __init__(self, webhook: Webhook, path: str, routes: list[BaseRoute]) -> None:
+        super().__init__(routes=routes)
+        self.webhook = webhook
+        self.webhook_path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.webhook_path:
+            await self.webhook(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_intake(app: App) -> Intake:
+    """The ASGI application: the webhook path, ``/healthz``, ``/readyz``, ``/metrics`` and the dashboard."""
+    intake = app.config.intake
+    webhook = Webhook(app)
 
     async def metrics_endpoint(request: Request) -> Response:
         body = await run_in_threadpool(exposition, app)
@@ -158,8 +183,8 @@ def create_intake(app: App) -> Starlette:
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ready else "unavailable", **checks}, status_code=200 if ready else 503)
 
-    return Starlette(routes=[
-        Route(intake.path, webhook, methods=["POST"]),
+    return Intake(webhook, intake.path, [
+        Route(intake.path, webhook, methods=["POST"]),  # reached only for a GET and the like: a 405
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
