@@ -43,7 +43,7 @@ class Sink:
         self.child.stop()
 
 
-def _send(ctx: Any, port: int | list[int], tag: str, n: int, rate: float | None) -> dict[str, Any]:
+def send_webhooks(ctx: Any, port: int | list[int], tag: str, n: int, rate: float | None) -> dict[str, Any]:
     """``n`` webhooks from bench.loadgen; several ports: alternately to each intake."""
     out = ctx.tmp / f"send-{tag}.json"
     mode = ["paced", "--rate", str(rate), "--connections", "64"] if rate else ["flood", "--connections", "32"]
@@ -72,7 +72,7 @@ def _drain(sink: Sink, tag: str, n: int, deadline: float) -> float:
 
 
 def one_rate(ctx: Any, sink: Sink, port: int | list[int], tag: str, n: int, rate: float | None) -> dict[str, Any]:
-    sent = _send(ctx, port, tag, n, rate)
+    sent = send_webhooks(ctx, port, tag, n, rate)
     waited = _drain(sink, tag, n, deadline=time.monotonic() + min(max(60.0, n / 20), max(ctx.remaining() - 10, 15)))
     arrivals = sink.dump(tag)
     first_arrival: dict[str, float] = {}

@@ -23,10 +23,13 @@ def wrk_path() -> str | None:
 
 
 def flood(port: int, *, duration: float, connections: int, tag: str, workdir: Path, pool: int,
-          tool: str = "auto") -> dict[str, Any]:
-    """Flood ``127.0.0.1:port`` for ``duration`` s; ``pool``: distinct bodies prepared (wrk only)."""
+          tool: str = "auto", pause_ms: int | None = None) -> dict[str, Any]:
+    """Flood ``127.0.0.1:port`` for ``duration`` s; ``pool``: distinct bodies prepared (wrk only).
+
+    ``pause_ms`` (wrk only): each connection waits that long after an answer, for a paced run.
+    """
     use_wrk = tool == "wrk" or (tool == "auto" and wrk_path() is not None)
-    result = _wrk(port, duration, connections, tag, workdir, pool) if use_wrk else \
+    result = _wrk(port, duration, connections, tag, workdir, pool, pause_ms) if use_wrk else \
         _python(port, duration, connections, tag, workdir)
     statuses = {int(k): v for k, v in result["statuses"].items()}
     elapsed = result["elapsed_s"]
@@ -39,7 +42,8 @@ def flood(port: int, *, duration: float, connections: int, tag: str, workdir: Pa
     return result
 
 
-def _wrk(port: int, duration: float, connections: int, tag: str, workdir: Path, pool: int) -> dict[str, Any]:
+def _wrk(port: int, duration: float, connections: int, tag: str, workdir: Path, pool: int,
+         pause_ms: int | None = None) -> dict[str, Any]:
     bodies = Bodies(tag)
     host = f"127.0.0.1:{port}"
     prefix = workdir / f"wrk-{tag}-"
@@ -55,9 +59,11 @@ def _wrk(port: int, duration: float, connections: int, tag: str, workdir: Path, 
     seconds = max(int(round(duration)), 1)
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
             "-s", str(LUA), f"http://{host}{WEBHOOK_PATH}"]
+    env = {"BENCH_WRK_PREFIX": str(prefix), "PATH": "/usr/bin:/bin"}
+    if pause_ms is not None:
+        env["BENCH_WRK_PAUSE_MS"] = str(pause_ms)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120,
-                              env={"BENCH_WRK_PREFIX": str(prefix), "PATH": "/usr/bin:/bin"})
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120, env=env)
     finally:
         for t in range(threads):
             Path(f"{prefix}{t}.dat").unlink(missing_ok=True)
@@ -66,7 +72,8 @@ def _wrk(port: int, duration: float, connections: int, tag: str, workdir: Path, 
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
     raw = json.loads(line[len("BENCH_JSON "):])
     return {
-        "tool": f"wrk -t{threads} -c{connections} -d{seconds}s (pre-signed bodies: {pool})",
+        "tool": f"wrk -t{threads} -c{connections} -d{seconds}s (pre-signed bodies: {pool}"
+                + (f", {pause_ms} ms pause per connection)" if pause_ms is not None else ")"),
         "elapsed_s": round(raw["duration_us"] / 1e6, 3), "requests": raw["requests"], "statuses": raw["statuses"],
         "socket_errors": {k: v for k, v in raw["errors"].items() if k != "status"},
         "pool_wrapped": raw["wrapped"],

@@ -82,12 +82,22 @@ def intake(res: dict[str, Any]) -> str:
             ["server cores busy", _n(ours.get("server_cores_busy"), 2), _n(bare.get("server_cores_busy"), 2),
              "", "", "", ""],
             ["peak RSS MiB", _n(ours["peak_rss_mib"], 1), _n(bare["peak_rss_mib"], 1), "", "2,079", "3,126", "789"]]
+    paced, bare_paced = ours.get("paced") or {}, bare.get("paced") or {}
+    if paced:
+        rows.append([f"p50 ms at {_n(paced['rate'])}/s paced", _n(paced["p50_ms"], 1), _n(bare_paced.get("p50_ms"), 1),
+                     "", "", "", ""])
+        rows.append([f"p99 ms at {_n(paced['rate'])}/s paced", _n(paced["p99_ms"], 1), _n(bare_paced.get("p99_ms"), 1),
+                     "", "", "", ""])
     store = ours.get("store", {})
     cpu = ours.get("server_cpu_s") or {}
     notes = [f"  load: {ours['tool']}; {ours['requests']:,} requests, statuses {ours['statuses']}; vivoflow CPU "
              f"user {_n(cpu.get('user'), 1)} s, system {_n(cpu.get('system'), 1)} s",
              f"  kept: {store.get('stored', '-'):,} stored in SQLite, {_n(ours.get('queued'))} on the queue "
              f"(every 202 must be both); wrk pool wrapped: {ours.get('pool_wrapped', 0)}"]
+    if paced:
+        notes.append(f"  paced: half the ceiling's flood rate by {paced.get('tool')}; {paced['n']:,} webhooks at "
+                     f"{_n(paced['sent_s'])}/s (ceiling: {_n(bare_paced.get('sent_s'))}/s), statuses "
+                     f"{paced['statuses']}; the ceiling's latency there is the load generator's floor")
     return _table(rows) + "\n" + "\n".join(notes)
 
 

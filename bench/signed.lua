@@ -2,6 +2,14 @@
 -- bench/wrk.py writes the files (BENCH_WRK_PREFIX<thread>.dat: "<length>\n<raw HTTP request>"...)
 -- because a signature (HMAC-SHA256 over "t.body") cannot be computed in wrk's Lua.
 local prefix = os.getenv("BENCH_WRK_PREFIX")
+-- Paced runs: each connection waits this many ms after an answer before its next request
+-- (the rate is then about connections / pause); unset: as fast as possible.
+local pause = tonumber(os.getenv("BENCH_WRK_PAUSE_MS") or "")
+if pause then
+  function delay()
+    return pause
+  end
+end
 local threads = {}
 local next_tid = 0
 

@@ -148,3 +148,18 @@ def test_messages_queued_in_a_batch_are_dramatiq_messages_a_worker_can_fetch(app
         consumer.close()
 
     assert [m.args[0] for m in fetched] == [o.delivery_id for o in outcomes]  # type: ignore[union-attr]
+
+
+def test_the_intake_leaves_sqlite_checkpoints_to_its_background_chore(app: App) -> None:
+    """A checkpoint syncs the database: on the event loop it stalled every request in flight."""
+    rows = app.admission.rows
+    if not rows.sqlite:
+        pytest.skip("WAL checkpoints are SQLite's")
+    for batch in range(12):  # ~5 MB of bodies: past SQLite's automatic checkpoint at 1,000 pages
+        rows.insert([{**row(batch * 100 + n), "body": "x" * 4000} for n in range(100)])
+
+    with app.store.engine.connect() as conn:
+        busy, frames, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+
+    assert frames > 1000  # every frame written since the start is still in the WAL…
+    assert copied == frames  # …until a checkpoint (the chore's PRAGMA) copies them all

@@ -149,8 +149,10 @@ def test_without_smtp_host_the_email_lands_in_the_outbox(run_config: Any, tmp_pa
     wait_until(lambda: len(list((tmp_path / "data" / "outbox").glob("*.eml"))) == 2, timeout=20)
     assert files
     assert any("Sorry we missed you, Jamie" in f.read_text() for f in (tmp_path / "data" / "outbox").glob("*.eml"))
-    lines = [line for line in run.log().splitlines() if "written to data/outbox/" in line]
-    assert len(lines) == 2 and "jamie.rivera@example.com" in "\n".join(lines)
+    # The step logs its line after the file is written: wait for the lines too.
+    lines = wait_until(lambda: [line for line in run.log().splitlines() if "written to data/outbox/" in line]
+                       if run.log().count("written to data/outbox/") == 2 else None, timeout=20)
+    assert "jamie.rivera@example.com" in "\n".join(lines)
     assert run.stop() == 0
 
 
