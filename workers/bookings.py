@@ -1,7 +1,9 @@
 """What one booking's deliveries mean together: order, duplicates, supersession, reschedules.
 
 Every decision is made through the store's atomic claims and locks, never
-process memory, so two workers on different machines decide the same way.
+process memory, so two workers on different machines decide the same way. The
+checks run in the caller's session (``workers.session``), inside the transaction
+that also creates the delivery's runs and claims their first steps.
 
 - **Order**: one invitee's deliveries are processed one at a time (a per-invitee
   lock), in the order the sender created them (envelope ``created_at``): a
@@ -29,7 +31,7 @@ from typing import Any
 
 from workers.errors import Busy
 from workers.events import Envelope, reschedule_link
-from workers.store import Store
+from workers.session import Session
 
 BOOKING_EVENTS = ("invitee.created", "invitee.canceled")
 
@@ -42,8 +44,7 @@ class ReschedulePair:
 
 
 class Bookings:
-    def __init__(self, store: Store, *, lease_seconds: float) -> None:
-        self.store = store
+    def __init__(self, *, lease_seconds: float) -> None:
         self.lease_seconds = lease_seconds
         # Unique per process and thread: a lock's owner must be this very worker thread.
         self._owner_prefix = f"{os.uname().nodename}:{os.getpid()}"
@@ -52,54 +53,63 @@ class Bookings:
         return f"{self._owner_prefix}:{threading.get_ident()}"
 
     @contextmanager
-    def in_order(self, delivery: dict[str, Any]) -> Iterator[None]:
-        """Hold the invitee's lock while its delivery is processed; ``Busy`` if another worker holds it."""
+    def in_order(self, db: Session, delivery: dict[str, Any]) -> Iterator[None]:
+        """Hold the invitee's lock while its delivery is processed; ``Busy`` if another worker holds it.
+
+        The lock is taken in the session's open transaction (``Busy`` rolls it back with the
+        rest) and released in the delivery's last one. After an error the uncommitted work is
+        rolled back and the release committed on its own.
+        """
         uri = delivery.get("invitee_uri")
         if not uri:
             yield
             return
         key, owner = f"invitee:{uri}", self._owner()
-        if not self.store.try_lock(key, owner, self.lease_seconds):
+        if not db.try_lock(key, owner, self.lease_seconds):
             raise Busy(f"invitee {uri} is being processed by another worker")
+        # The sender's order, not arrival order: wait for an earlier delivery about this
+        # invitee still on the queue, unless it has been waiting longer than a lease
+        # (stuck somewhere: order then yields to progress).
+        earlier = db.earlier_unprocessed(delivery, time.time() - self.lease_seconds)
+        if earlier is not None:
+            raise Busy(f"waiting for {earlier}, created earlier for the same invitee")
         try:
-            # The sender's order, not arrival order: wait for an earlier delivery about this
-            # invitee still on the queue, unless it has been waiting longer than a lease
-            # (stuck somewhere: order then yields to progress).
-            earlier = self.store.earlier_unprocessed(delivery, time.time() - self.lease_seconds)
-            if earlier is not None:
-                raise Busy(f"waiting for {earlier}, created earlier for the same invitee")
             yield
-        finally:
-            self.store.unlock(key, owner)
+        except BaseException:
+            db.rollback()
+            db.unlock(key, owner)
+            db.commit()
+            raise
+        db.unlock(key, owner)
 
-    def duplicate_of(self, delivery: dict[str, Any]) -> str | None:
+    def duplicate_of(self, db: Session, delivery: dict[str, Any]) -> str | None:
         """The delivery this one repeats (same booking event of the same invitee), or None."""
         if delivery["event"] not in BOOKING_EVENTS or not delivery["invitee_uri"]:
             return None
-        owner = self.store.claim(f"booking:{delivery['event']}:{delivery['invitee_uri']}", delivery["id"])
+        owner = db.claim(f"booking:{delivery['event']}:{delivery['invitee_uri']}", delivery["id"])
         return None if owner == delivery["id"] else owner
 
-    def superseded_by(self, delivery: dict[str, Any]) -> str | None:
+    def superseded_by(self, db: Session, delivery: dict[str, Any]) -> str | None:
         """For a booking: the cancellation of the same invitee processed before it, if any."""
         if delivery["event"] != "invitee.created" or not delivery["invitee_uri"]:
             return None
-        canceled = self.store.find_delivery("invitee.canceled", delivery["invitee_uri"])
+        canceled = db.find_delivery("invitee.canceled", delivery["invitee_uri"])
         if canceled and canceled["processed_at"] is not None:
             return canceled["id"]
         return None
 
-    def reschedule_pair(self, delivery: dict[str, Any], envelope: Envelope) -> ReschedulePair | None:
+    def reschedule_pair(self, db: Session, delivery: dict[str, Any], envelope: Envelope) -> ReschedulePair | None:
         """Both halves of the reschedule this delivery belongs to, once both are stored."""
         link = reschedule_link(envelope)
         if link is None:
             return None
         old_uri, new_uri = link
         if envelope.event == "invitee.canceled":
-            other = self.store.find_delivery("invitee.created", new_uri)
+            other = db.find_delivery("invitee.created", new_uri)
             return ReschedulePair(old_uri, delivery, other) if other else None
-        other = self.store.find_delivery("invitee.canceled", old_uri)
+        other = db.find_delivery("invitee.canceled", old_uri)
         return ReschedulePair(old_uri, other, delivery) if other else None
 
-    def claim_reschedule(self, pair: ReschedulePair, owner: str) -> bool:
+    def claim_reschedule(self, db: Session, pair: ReschedulePair, owner: str) -> bool:
         """True for exactly one delivery per reschedule (the one that fires ``invitee.rescheduled``)."""
-        return self.store.claim(f"rescheduled:{pair.old_uri}", owner) == owner
+        return db.claim(f"rescheduled:{pair.old_uri}", owner) == owner

@@ -5,6 +5,10 @@ called and recorded after, so a step that succeeded is never run again for
 the same run, whichever worker picks the run up next. Retries and delays are
 per step: the run is handed back to the queue as a delayed message and
 resumes at the step that was waiting; the steps before it are not repeated.
+
+Work is cut into as few transactions as those rules allow (``workers.session``):
+each ends with a step's claim, committed before the connector is called; the
+outcome opens the next. Nothing network-bound, connector or broker, runs inside one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from workers.logs import log_context
 from workers.metrics import Metrics, process_metrics
 from workers.recipes import Recipe, RecipeFolder, Step
 from workers.redaction import Redactor
+from workers.session import TERMINAL, Session
 from workers.store import Store
 
 log = logging.getLogger("vivoflow.engine")
@@ -37,8 +42,6 @@ log = logging.getLogger("vivoflow.engine")
 STEP_LEASE_SECONDS = 120.0
 
 Schedule = Callable[[str, int], None]  # (run_id, delay in milliseconds)
-
-
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Engine:
         self.redact = redact
         self.retry = retry or RetryPolicy()
         self.lease_seconds = lease_seconds
-        self.bookings = Bookings(store, lease_seconds=lease_seconds)
+        self.bookings = Bookings(lease_seconds=lease_seconds)
         self.metrics = metrics or process_metrics()
 
     # entry points -----------------------------------------------------------
@@ -92,90 +95,103 @@ class Engine:
     def run_delivery(self, delivery_id: str) -> list[str]:
         """Create (or resume) one run per matching recipe and execute it; returns the run ids.
 
-        Raises ``Busy`` when another worker is processing the same invitee.
+        Raises ``Busy`` when another worker is processing the same invitee. One transaction
+        takes the invitee's lock, makes the booking decisions, creates the runs and claims the
+        first step; then one per step records its outcome and claims the next; the last also
+        marks the delivery processed and releases the lock.
         """
-        delivery = self.store.get_delivery(delivery_id)
-        if delivery is None:
-            log.warning("delivery %s not found; nothing to do", delivery_id)
-            return []
-        envelope = Envelope.model_validate_json(delivery["body"])
-        with self.bookings.in_order(delivery):
-            if (original := self.bookings.duplicate_of(delivery)) is not None:
-                self.store.mark_duplicate(delivery_id, original)
-                log.info("delivery %s repeats %s (%s): not run again", delivery_id, original, delivery["event"])
+        with self.store.session() as db:
+            delivery = db.delivery(delivery_id)
+            if delivery is None:
+                log.warning("delivery %s not found; nothing to do", delivery_id)
                 return []
-            superseded = self.bookings.superseded_by(delivery)
-            skip = f"superseded: the invitee canceled ({superseded}) before this booking was processed"
-            run_ids = self._run_recipes(delivery, envelope.event, build_context(envelope), key=delivery_id,
-                                        skip_reason=skip if superseded else None)
-            pair = self.bookings.reschedule_pair(delivery, envelope)
-            if pair and self.bookings.claim_reschedule(pair, delivery_id):
-                log.info("delivery %s completes the reschedule of %s", delivery_id, pair.old_uri)
-                run_ids += self._run_recipes(delivery, RESCHEDULED, self._rescheduled_context(pair),
-                                             key=f"{delivery_id}:rescheduled")
-            self.store.mark_processed(delivery_id)
+            envelope = Envelope.model_validate_json(delivery["body"])
+            with self.bookings.in_order(db, delivery):
+                if (original := self.bookings.duplicate_of(db, delivery)) is not None:
+                    db.mark_duplicate(delivery_id, original)
+                    log.info("delivery %s repeats %s (%s): not run again", delivery_id, original, delivery["event"])
+                    return []
+                superseded = self.bookings.superseded_by(db, delivery)
+                skip = f"superseded: the invitee canceled ({superseded}) before this booking was processed"
+                run_ids = self._run_recipes(db, delivery, envelope.event, build_context(envelope), key=delivery_id,
+                                            skip_reason=skip if superseded else None)
+                pair = self.bookings.reschedule_pair(db, delivery, envelope)
+                if pair and self.bookings.claim_reschedule(db, pair, delivery_id):
+                    log.info("delivery %s completes the reschedule of %s", delivery_id, pair.old_uri)
+                    run_ids += self._run_recipes(db, delivery, RESCHEDULED, self._rescheduled_context(pair),
+                                                 key=f"{delivery_id}:rescheduled")
+                db.mark_processed(delivery_id)
         return run_ids
 
     def replay_delivery(self, delivery_id: str, replay_id: str, recipe: str | None = None) -> list[str]:
         """Run a stored delivery again against today's recipes, as new runs linked to the old ones."""
-        delivery = self.store.get_delivery(delivery_id)
-        if delivery is None:
-            return []
-        envelope = Envelope.model_validate_json(delivery["body"])
         earlier = self.store.runs_of_delivery(delivery_id)
-        with self.bookings.in_order(delivery):
-            run_ids = self._run_recipes(delivery, envelope.event, build_context(envelope),
-                                        key=f"{delivery_id}:replay:{replay_id}", only=recipe, replay_id=replay_id,
-                                        earlier=earlier)
-            pair = self.bookings.reschedule_pair(delivery, envelope)
-            if pair and any(r["event"] == RESCHEDULED for r in earlier):
-                run_ids += self._run_recipes(delivery, RESCHEDULED, self._rescheduled_context(pair),
-                                             key=f"{delivery_id}:rescheduled:replay:{replay_id}", only=recipe,
-                                             replay_id=replay_id, earlier=earlier)
+        with self.store.session() as db:
+            delivery = db.delivery(delivery_id)
+            if delivery is None:
+                return []
+            envelope = Envelope.model_validate_json(delivery["body"])
+            with self.bookings.in_order(db, delivery):
+                run_ids = self._run_recipes(db, delivery, envelope.event, build_context(envelope),
+                                            key=f"{delivery_id}:replay:{replay_id}", only=recipe, replay_id=replay_id,
+                                            earlier=earlier)
+                pair = self.bookings.reschedule_pair(db, delivery, envelope)
+                if pair and any(r["event"] == RESCHEDULED for r in earlier):
+                    run_ids += self._run_recipes(db, delivery, RESCHEDULED, self._rescheduled_context(pair),
+                                                 key=f"{delivery_id}:rescheduled:replay:{replay_id}", only=recipe,
+                                                 replay_id=replay_id, earlier=earlier)
         return run_ids
 
     def resume_run(self, run_id: str) -> None:
         """Continue a run whose step was waiting (a delay, a retry's backoff, or a replay --resume)."""
-        run = self.store.get_run(run_id)
-        if run is None or run["status"] in ("succeeded", "failed", "skipped"):
-            return
-        delivery = self.store.get_delivery(run["delivery_id"])
-        # The recipe as the run recorded it: a delayed step keeps the version it was scheduled with.
-        recipe = self.recipes.pinned(run["recipe"], run["recipe_source"])
-        if delivery is None or recipe is None:
-            self._finish(run_id, run["recipe"], "failed", f"recipe {run['recipe']!r} can no longer be loaded")
-            return
-        envelope = Envelope.model_validate_json(delivery["body"])
-        ctx = build_context(envelope)
-        if run["event"] == RESCHEDULED:
-            pair = self.bookings.reschedule_pair(delivery, envelope)
-            if pair is None:
-                self._finish(run_id, run["recipe"], "failed", "the other half of the reschedule is gone from the store")
+        with self.store.session() as db:
+            run = db.get_run(run_id)
+            if run is None or run["status"] in TERMINAL:
                 return
-            ctx = self._rescheduled_context(pair)
-        self._execute(run, recipe, ctx, delivery)
+            delivery = db.delivery(run["delivery_id"])
+            # The recipe as the run recorded it: a delayed step keeps the version it was scheduled with.
+            recipe = self.recipes.pinned(run["recipe"], run["recipe_source"])
+            if delivery is None or recipe is None:
+                self._finish(db, run_id, run["recipe"], "failed", f"recipe {run['recipe']!r} can no longer be loaded")
+                return
+            envelope = Envelope.model_validate_json(delivery["body"])
+            ctx = build_context(envelope)
+            if run["event"] == RESCHEDULED:
+                pair = self.bookings.reschedule_pair(db, delivery, envelope)
+                if pair is None:
+                    self._finish(db, run_id, run["recipe"], "failed",
+                                 "the other half of the reschedule is gone from the store")
+                    return
+                ctx = self._rescheduled_context(pair)
+            self._resume(db, run, recipe, ctx, delivery)
 
     # runs of one delivery -----------------------------------------------------
 
     def _run_recipes(
-        self, delivery: dict[str, Any], event: str, ctx: dict[str, Any], *, key: str,
+        self, db: Session, delivery: dict[str, Any], event: str, ctx: dict[str, Any], *, key: str,
         skip_reason: str | None = None, only: str | None = None, replay_id: str | None = None,
         earlier: list[dict[str, Any]] | None = None,
     ) -> list[str]:
+        """One run per matching recipe, created with its verdict (``running``, or skipped/failed by its ``if``)."""
         run_ids = []
         for recipe in self.recipes.current().matching(event):
             if only is not None and recipe.name != only:
                 continue
             replay_of = next((r["id"] for r in earlier or [] if r["recipe"] == recipe.name and r["event"] == event),
                              None)
-            run = self.store.ensure_run(
+            status, reason = ("skipped", skip_reason) if skip_reason else self._verdict(recipe, ctx)
+            run, created = db.ensure_run(
                 run_key=f"{key}:{recipe.name}", delivery_id=delivery["id"], recipe=recipe.name, event=event,
-                recipe_source=recipe.source, replay_of=replay_of, replay_id=replay_id,
-                status="skipped" if skip_reason else "queued", reason=skip_reason,
+                recipe_source=recipe.source, replay_of=replay_of, replay_id=replay_id, status=status, reason=reason,
             )
             run_ids.append(run["id"])
-            if run["status"] in ("queued", "running"):
-                self._execute(run, recipe, {**ctx, "steps": {}}, delivery)
+            if not created:  # a redelivered message: carry on where the run stands
+                if run["status"] in ("queued", "running"):
+                    self._resume(db, run, recipe, {**ctx, "steps": {}}, delivery)
+            elif status == "running":
+                self._execute(db, run, recipe, {**ctx, "steps": {}}, delivery, done={})
+            else:
+                self.metrics.runs.labels(recipe.name, status).inc()
         return run_ids
 
     def _rescheduled_context(self, pair: ReschedulePair) -> dict[str, Any]:
@@ -185,28 +201,45 @@ class Engine:
 
     # one run ----------------------------------------------------------------
 
-    def _finish(self, run_id: str, recipe: str, status: str, reason: str | None = None) -> None:
-        self.store.finish_run(run_id, status, reason)
-        if status in ("succeeded", "failed", "skipped"):
+    def _verdict(self, recipe: Recipe, ctx: dict[str, Any]) -> tuple[str, str | None]:
+        """The recipe's ``if`` on this event: ``running``, or ``skipped``/``failed`` with the reason."""
+        if recipe.condition is None:
+            return "running", None
+        try:
+            matched = recipe.condition(**ctx)
+        except Exception as exc:  # noqa: BLE001 - `none - 1`, `1 // 0`…: the recipe's error, not ours
+            return "failed", f"if: {_template_error(exc)}"
+        return ("running", None) if matched else ("skipped", f"if: {recipe.condition_source} was false")
+
+    def _finish(self, db: Session, run_id: str, recipe: str, status: str, reason: str | None = None) -> None:
+        db.finish_run(run_id, status, reason)
+        if status in TERMINAL:
             self.metrics.runs.labels(recipe, status).inc()
 
-    def _execute(self, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any], delivery: dict[str, Any]) -> None:
-        with log_context(delivery_id=delivery["id"], run_id=run["id"]):
-            self._execute_run(run, recipe, ctx, delivery)
+    def _schedule(self, db: Session, run_id: str, delay_ms: int) -> None:
+        """Hand the run back to the queue, once what the resumed run will look for is committed."""
+        db.commit()
+        self.schedule(run_id, delay_ms)
 
-    def _execute_run(self, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any], delivery: dict[str, Any]) -> None:
-        run_id = run["id"]
-        if recipe.condition is not None:
-            try:
-                matched = recipe.condition(**ctx)
-            except Exception as exc:  # noqa: BLE001 - `none - 1`, `1 // 0`…: the recipe's error, not ours
-                self._finish(run_id, recipe.name, "failed", f"if: {_template_error(exc)}")
-                return
-            if not matched:
-                self._finish(run_id, recipe.name, "skipped", f"if: {recipe.condition_source} was false")
-                return
-        self._finish(run_id, recipe.name, "running")
-        done = {s["step_id"]: s for s in self.store.steps_of(run_id)}
+    def _resume(self, db: Session, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any],
+                delivery: dict[str, Any]) -> None:
+        """Carry on with a run that exists already: its ``if`` again, then the steps not yet done."""
+        status, reason = self._verdict(recipe, ctx)
+        if status != "running":
+            self._finish(db, run["id"], recipe.name, status, reason)
+            return
+        if not db.start_run(run["id"]):
+            return  # finished meanwhile: another worker resumed it
+        self._execute(db, run, recipe, ctx, delivery, done={s["step_id"]: s for s in db.steps_of(run["id"])})
+
+    def _execute(self, db: Session, run: dict[str, Any], recipe: Recipe, ctx: dict[str, Any],
+                 delivery: dict[str, Any], *, done: dict[str, dict[str, Any]]) -> None:
+        with log_context(delivery_id=delivery["id"], run_id=run["id"]):
+            self._execute_steps(db, run["id"], recipe, ctx, delivery, done)
+
+    def _execute_steps(self, db: Session, run_id: str, recipe: Recipe, ctx: dict[str, Any], delivery: dict[str, Any],
+                       done: dict[str, dict[str, Any]]) -> None:
+        """The run's steps in order, given those already recorded (``done``); the run is ``running``."""
         failures = 0
         for step in recipe.steps:
             prior = done.get(step.id)
@@ -220,26 +253,30 @@ class Engine:
                     break
                 continue
             with log_context(step_id=step.id):
-                outcome = self._run_step(run_id, recipe.name, step, ctx, prior, delivery)
+                outcome = self._run_step(db, run_id, recipe.name, step, ctx, prior, delivery)
             if outcome == "waiting":
-                self._finish(run_id, recipe.name, "scheduled")
+                self._finish(db, run_id, recipe.name, "scheduled")
                 return
             if outcome == "failed":
                 failures += 1
                 if step.spec.on_error == "stop":
                     break
         if failures:
-            self._finish(run_id, recipe.name, "failed", f"{failures} step(s) failed")
+            self._finish(db, run_id, recipe.name, "failed", f"{failures} step(s) failed")
         else:
-            self._finish(run_id, recipe.name, "succeeded")
+            self._finish(db, run_id, recipe.name, "succeeded")
         log.info("run %s (%s) %s", run_id, recipe.name, "failed" if failures else "succeeded")
 
     def _run_step(
-        self, run_id: str, recipe: str, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None,
+        self, db: Session, run_id: str, recipe: str, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None,
         delivery: dict[str, Any],
     ) -> str:
-        """Run one step; returns ``succeeded``, ``skipped``, ``failed`` or ``waiting``."""
-        record = _Recorder(self.store, run_id, step, self.redact, self.metrics)
+        """Run one step; returns ``succeeded``, ``skipped``, ``failed`` or ``waiting``.
+
+        The claim is committed before the connector is called, and the outcome is written
+        after it, in the transaction that goes on to the next step's claim.
+        """
+        record = _Recorder(db, run_id, step, self.redact, self.metrics)
         if step.condition is not None:
             try:
                 if not step.condition(**ctx):
@@ -249,7 +286,7 @@ class Engine:
                 record("failed", error=f"if: {_template_error(exc)}")
                 return "failed"
 
-        wait = self._wait(step, ctx, prior, record)
+        wait = self._wait(db, step, ctx, prior, record)
         if wait is not None:
             return wait
         if prior and prior.get("due_at") and step.spec.skip_if_canceled and (step.spec.delay or step.spec.at):
@@ -258,25 +295,26 @@ class Engine:
             # cancellation before its booking. A run of that very cancellation is not skipped for it
             # (a repeated delivery of it is not a new cancellation).
             own = delivery["event"] == "invitee.canceled" and delivery["invitee_uri"] == uri
-            if uri and not own and self.store.has_delivery("invitee.canceled", uri):
+            if uri and not own and db.has_delivery("invitee.canceled", uri):
                 record("skipped", error="the invitee was canceled or rescheduled before this step fell due")
                 return "skipped"
 
-        if (wait_for := self._rate_limited(step)) is not None:
+        if (wait_for := self._rate_limited(db, step)) is not None:
             # Not an attempt: the step waits for the connector's next window, across all workers.
             record("scheduled", error=f"rate limit of {step.connector}: next call in {wait_for:.1f}s",
                    due_at=time.time() + wait_for)
-            self.schedule(run_id, int(wait_for * 1000) + 1)
+            self._schedule(db, run_id, int(wait_for * 1000) + 1)
             return "waiting"
-        attempt = self.store.claim_step(
+        attempt = db.claim_step(
             run_id=run_id, step_id=step.id, position=step.position, use=step.spec.use,
             lease_seconds=self.lease_seconds,
         )
         if attempt is None:
             # Another worker holds the step (a redelivered message). Look again when its
             # lease runs out: by then it has recorded the outcome, or it died and we take over.
-            self.schedule(run_id, int(self.lease_seconds * 1000))
+            self._schedule(db, run_id, int(self.lease_seconds * 1000))
             return "waiting"
+        db.commit()  # the claim is durable before anything can call the connector
         try:
             raw = step.inputs(ctx)
         except Exception as exc:  # noqa: BLE001 - see _template_error; the step is claimed: record it
@@ -299,7 +337,7 @@ class Engine:
             delay = self.retry.delay_ms(attempt, exc.retry_after)
             record("scheduled", input=raw, error=f"attempt {attempt} failed, retrying: {exc.message}",
                    due_at=time.time() + delay / 1000)
-            self.schedule(run_id, delay)
+            self._schedule(db, run_id, delay)
             return "waiting"
         except PermanentStepError as exc:
             record("failed", input=raw, error=exc.message)
@@ -317,16 +355,16 @@ class Engine:
         log.debug("run %s step %s succeeded in %.0f ms", run_id, step.id, took * 1000)
         return "succeeded"
 
-    def _rate_limited(self, step: Step) -> float | None:
+    def _rate_limited(self, db: Session, step: Step) -> float | None:
         """Seconds to wait if the step's connector is over its ``rate_limit``, else None."""
         limit = getattr(self.registry.config_of(step.connector), "rate_limit", None)
         if limit is None:
             return None
-        wait = self.store.take_rate(f"connector:{step.connector}", limit.limit, limit.window_seconds)
+        wait = db.take_rate(f"connector:{step.connector}", limit.limit, limit.window_seconds)
         return wait or None
 
     def _wait(
-        self, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None, record: _Recorder
+        self, db: Session, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None, record: _Recorder
     ) -> str | None:
         """For a step not yet due (delay, at, or a retry's backoff): schedule it and say ``waiting``."""
         now = time.time()
@@ -342,7 +380,7 @@ class Engine:
             record("scheduled", error=None, due_at=due_at)
         if due_at is None or due_at <= now:
             return None
-        self.schedule(record.run_id, int((due_at - now) * 1000) + 1)
+        self._schedule(db, record.run_id, int((due_at - now) * 1000) + 1)
         return "waiting"
 
 
@@ -387,15 +425,15 @@ def _timestamp(value: str | None) -> float | None:
 class _Recorder:
     """Writes one step's outcome, redacted, and counts it."""
 
-    def __init__(self, store: Store, run_id: str, step: Step, redact: Redactor, metrics: Metrics) -> None:
-        self.store, self.run_id, self.step, self.redact, self.metrics = store, run_id, step, redact, metrics
+    def __init__(self, db: Session, run_id: str, step: Step, redact: Redactor, metrics: Metrics) -> None:
+        self.db, self.run_id, self.step, self.redact, self.metrics = db, run_id, step, redact, metrics
 
     def __call__(self, status: str, *, input: Any = None, output: Any = None,  # noqa: A002
                  error: str | None = None, due_at: float | None = None) -> None:
-        self.store.record_step(
+        self.db.record_step(
             run_id=self.run_id, step_id=self.step.id, position=self.step.position, use=self.step.spec.use,
-            status=status, input=self.redact(input), output=self.redact(output),
-            error=self.redact(error), due_at=due_at,
+            status=status, input_json=self.redact.json(input), output_json=self.redact.json(output),
+            error=error and self.redact.text(error), due_at=due_at,
         )
         if status in ("succeeded", "failed", "skipped"):
             self.metrics.steps.labels(self.step.connector, status).inc()

@@ -2,28 +2,27 @@
 
 SQLite by default (WAL, file created 0600), any SQLAlchemy URL otherwise. Every
 statement is parameterised; uniqueness constraints, not process memory, make a
-delivery, a run and a step exist once however many processes race.
+delivery, a run and a step exist once however many processes race. The statements
+a worker runs per delivery live in ``workers.session`` (plain SQL, fewer transactions);
+the one-off calls of the same kind below go through a session of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from workers.errors import ConfigError
-from workers.schema import claims, deliveries, locks, rate_windows, replays, runs, steps
+from workers.schema import claims, deliveries, locks, replays, runs, steps
+from workers.session import Session, new_id
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -59,11 +58,6 @@ def _migration_lock(engine: sa.Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def new_id(prefix: str) -> str:
-    """A sortable id: milliseconds since the epoch, then randomness (``run_018f…``)."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
 
 
 class Store:
@@ -105,6 +99,21 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work on one pooled connection: committed at the end, rolled back on an error."""
+        connection = self.engine.raw_connection()
+        try:
+            session = Session(connection.dbapi_connection, self.engine.dialect.name)
+            try:
+                yield session
+            except BaseException:
+                session.rollback()
+                raise
+            session.commit()
+        finally:
+            connection.close()
+
     # deliveries -------------------------------------------------------------
 
     def insert_delivery(self, values: dict[str, Any]) -> tuple[str, bool]:
@@ -129,77 +138,13 @@ class Store:
             conn.execute(deliveries.delete().where(deliveries.c.id == delivery_id))
 
     def get_delivery(self, delivery_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)).first()
-        return dict(row._mapping) if row else None
-
-    def mark_processed(self, delivery_id: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                deliveries.update().where(deliveries.c.id == delivery_id).values(processed_at=time.time())
-            )
-
-    def mark_duplicate(self, delivery_id: str, of: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                deliveries.update().where(deliveries.c.id == delivery_id)
-                .values(duplicate_of=of, processed_at=time.time())
-            )
+        with self.session() as db:
+            return db.delivery(delivery_id)
 
     def has_delivery(self, event: str, invitee_uri: str) -> bool:
         """Whether any delivery of ``event`` for this invitee was stored (webhook or reconciled)."""
-        with self.engine.connect() as conn:
-            return conn.execute(
-                sa.select(deliveries.c.id).where(
-                    deliveries.c.invitee_uri == invitee_uri, deliveries.c.event == event
-                ).limit(1)
-            ).first() is not None
-
-    def find_delivery(self, event: str, invitee_uri: str) -> dict[str, Any] | None:
-        """The first delivery of ``event`` for this invitee that is not a duplicate, if any."""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(deliveries).where(
-                    deliveries.c.invitee_uri == invitee_uri, deliveries.c.event == event,
-                    deliveries.c.duplicate_of.is_(None),
-                ).order_by(deliveries.c.received_at).limit(1)
-            ).first()
-        return dict(row._mapping) if row else None
-
-    def earlier_unprocessed(self, delivery: dict[str, Any], received_after: float) -> str | None:
-        """An unprocessed delivery about the same invitee that the sender created before this one."""
-        if not delivery["invitee_uri"] or not delivery["sender_created_at"]:
-            return None
-        with self.engine.connect() as conn:
-            return conn.execute(
-                sa.select(deliveries.c.id).where(
-                    deliveries.c.invitee_uri == delivery["invitee_uri"],
-                    deliveries.c.id != delivery["id"],
-                    deliveries.c.processed_at.is_(None),
-                    deliveries.c.sender_created_at < delivery["sender_created_at"],
-                    deliveries.c.received_at > received_after,
-                ).limit(1)
-            ).scalar_one_or_none()
-
-    def try_lock(self, key: str, owner: str, lease_seconds: float) -> bool:
-        """Take ``key`` for ``owner`` unless someone else holds it and their lease runs."""
-        now = time.time()
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(locks.insert().values(key=key, owner=owner, expires_at=now + lease_seconds))
-            return True
-        except IntegrityError:
-            pass
-        with self.engine.begin() as conn:
-            taken = conn.execute(
-                locks.update().where(locks.c.key == key, (locks.c.expires_at < now) | (locks.c.owner == owner))
-                .values(owner=owner, expires_at=now + lease_seconds)
-            ).rowcount
-        return bool(taken)
-
-    def unlock(self, key: str, owner: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(locks.delete().where(locks.c.key == key, locks.c.owner == owner))
+        with self.session() as db:
+            return db.has_delivery(event, invitee_uri)
 
     def record_replay(self, *, who: str, mode: str, target: str, note: str | None = None) -> str:
         replay_id = new_id("rpl")
@@ -263,34 +208,6 @@ class Store:
             conn.execute(locks.delete().where(locks.c.expires_at < time.time()))
             return conn.execute(deliveries.delete().where(deliveries.c.id.in_(doomed))).rowcount
 
-    def take_rate(self, key: str, limit: int, window_seconds: float) -> float:
-        """Count one call against ``key``'s current window: 0 if allowed, else seconds to wait.
-
-        One atomic upsert (SQLite and PostgreSQL both have ``ON CONFLICT … DO UPDATE``), so
-        workers on any number of hosts share the count.
-        """
-        now = time.time()
-        start = now - now % window_seconds
-        dialect = self.engine.dialect.name
-        insert = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(rate_windows)
-        statement = insert.values(key=key, window_start=start, calls=1).on_conflict_do_update(
-            index_elements=["key", "window_start"], set_={"calls": rate_windows.c.calls + 1},
-        ).returning(rate_windows.c.calls)
-        with self.engine.begin() as conn:
-            calls = conn.execute(statement).scalar_one()
-            conn.execute(rate_windows.delete().where(rate_windows.c.key == key, rate_windows.c.window_start < start))
-        return 0.0 if calls <= limit else start + window_seconds - now
-
-    def claim(self, key: str, owner: str) -> str:
-        """Claim ``key`` for ``owner``; returns whoever holds it (``owner`` if the claim is ours)."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(claims.insert().values(key=key, owner=owner, created_at=time.time()))
-            return owner
-        except IntegrityError:
-            with self.engine.connect() as conn:
-                return conn.execute(sa.select(claims.c.owner).where(claims.c.key == key)).scalar_one()
-
     def unprocessed_deliveries(self, older_than: float) -> list[str]:
         """Deliveries stored but never processed: to be enqueued again after a crash."""
         with self.engine.connect() as conn:
@@ -300,41 +217,24 @@ class Store:
                 )
             ).scalars())
 
-    # runs -------------------------------------------------------------------
+    # runs and steps ---------------------------------------------------------------
 
-    def ensure_run(self, *, run_key: str, delivery_id: str, recipe: str, event: str, recipe_source: str | None = None,
-                   replay_of: str | None = None, replay_id: str | None = None,
-                   status: str = "queued", reason: str | None = None) -> dict[str, Any]:
-        """The run for ``run_key``, created ``queued`` the first time: a redelivered message resumes it."""
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.run_key == run_key)).first()
-        if row:
-            return dict(row._mapping)
-        values = dict(
-            id=new_id("run"), run_key=run_key, delivery_id=delivery_id, recipe=recipe, event=event,
-            status=status, reason=reason, created_at=time.time(), recipe_source=recipe_source,
-            replay_of=replay_of, replay_id=replay_id,
-            finished_at=time.time() if status in ("succeeded", "failed", "skipped") else None,
-        )
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(runs.insert().values(**values))
-            return values
-        except IntegrityError:
-            with self.engine.connect() as conn:
-                return dict(conn.execute(sa.select(runs).where(runs.c.run_key == run_key)).one()._mapping)
+    def ensure_run(self, **values: Any) -> dict[str, Any]:
+        """The run for ``run_key``, created the first time (see ``Session.ensure_run``)."""
+        with self.session() as db:
+            return db.ensure_run(**values)[0]
 
     def finish_run(self, run_id: str, status: str, reason: str | None = None) -> None:
-        finished = time.time() if status in ("succeeded", "failed", "skipped") else None
-        with self.engine.begin() as conn:
-            conn.execute(
-                runs.update().where(runs.c.id == run_id).values(status=status, reason=reason, finished_at=finished)
-            )
+        with self.session() as db:
+            db.finish_run(run_id, status, reason)
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
-        return dict(row._mapping) if row else None
+        with self.session() as db:
+            return db.get_run(run_id)
+
+    def steps_of(self, run_id: str) -> list[dict[str, Any]]:
+        with self.session() as db:
+            return db.steps_of(run_id)
 
     def runs_of_delivery(self, delivery_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -342,73 +242,6 @@ class Store:
                 sa.select(runs).where(runs.c.delivery_id == delivery_id).order_by(runs.c.created_at)
             )
             return [dict(r._mapping) for r in rows]
-
-    # steps ------------------------------------------------------------------
-
-    def steps_of(self, run_id: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position))
-            return [_decode_step(r._mapping) for r in rows]
-
-    def claim_step(
-        self, *, run_id: str, step_id: str, position: int, use: str, lease_seconds: float
-    ) -> int | None:
-        """Take a step for execution: the attempt number, or None if it is not ours to run.
-
-        Not ours: it succeeded, was skipped or failed, or another worker runs it
-        and its lease has not run out. One atomic insert-or-update decides, so two
-        workers handed the same message never both call the connector.
-        """
-        now = time.time()
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(steps.insert().values(
-                    run_id=run_id, step_id=step_id, position=position, use=use, status="running",
-                    attempts=1, started_at=now,
-                ))
-            return 1
-        except IntegrityError:
-            pass
-        key = (steps.c.run_id == run_id) & (steps.c.step_id == step_id)
-        claimable = steps.c.status.in_(("queued", "scheduled")) | (
-            (steps.c.status == "running") & (steps.c.started_at < now - lease_seconds)
-        )
-        with self.engine.begin() as conn:
-            claimed = conn.execute(
-                steps.update().where(key & claimable)
-                .values(status="running", attempts=steps.c.attempts + 1, started_at=now)
-            ).rowcount
-            if not claimed:
-                return None
-            return conn.execute(sa.select(steps.c.attempts).where(key)).scalar_one()
-
-    def record_step(
-        self,
-        *,
-        run_id: str,
-        step_id: str,
-        position: int,
-        use: str,
-        status: str,
-        input: Any = None,  # noqa: A002 - the column's name
-        output: Any = None,
-        error: str | None = None,
-        due_at: float | None = None,
-    ) -> None:
-        """Write a step's outcome (insert for steps that never started, e.g. skipped)."""
-        values = dict(
-            status=status, input=_encode(input), output=_encode(output), error=error, due_at=due_at,
-            finished_at=None if status in ("scheduled", "running") else time.time(),
-        )
-        with self.engine.begin() as conn:
-            updated = conn.execute(
-                steps.update().where(steps.c.run_id == run_id, steps.c.step_id == step_id).values(**values)
-            ).rowcount
-            if not updated:
-                conn.execute(steps.insert().values(
-                    run_id=run_id, step_id=step_id, position=position, use=use, attempts=0, **values
-                ))
-
 
     # dashboard queries --------------------------------------------------------
 
@@ -463,18 +296,6 @@ class Store:
         )
         with self.engine.connect() as conn:
             return {r.recipe: dict(r._mapping) for r in conn.execute(query)}
-
-
-def _encode(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=str)
-
-
-def _decode_step(row: Any) -> dict[str, Any]:
-    step = dict(row)
-    for key in ("input", "output"):
-        if step.get(key) is not None:
-            step[key] = json.loads(step[key])
-    return step
 
 
 def _create_private_file(path: Path) -> None:
