@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from workers.actors import PROCESS_DELIVERY
-from workers.admission import REQUEUE_AFTER_SECONDS, Admitted, Unavailable
+from workers.admission import REQUEUE_AFTER_SECONDS, Admitted, DeliveryRows, Unavailable
 from workers.app import App
 from workers.broker import EmbeddedRedis
 from workers.config import load_config
@@ -163,3 +164,29 @@ def test_the_intake_leaves_sqlite_checkpoints_to_its_background_chore(app: App) 
 
     assert frames > 1000  # every frame written since the start is still in the WAL…
     assert copied == frames  # …until a checkpoint (the chore's PRAGMA) copies them all
+
+
+def test_two_intakes_storing_the_same_deliveries_in_opposite_orders_both_succeed(app: App) -> None:
+    """Overlapping batches lock their keys in one order, so PostgreSQL has no deadlock to break."""
+    other = DeliveryRows(app.store)
+    failures: list[BaseException] = []
+
+    def store(rows: DeliveryRows, batch: list[dict[str, Any]], start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            rows.insert(batch)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    for round_ in range(10):
+        batch = [row(round_ * 100 + n) for n in range(60)]
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=store, args=(app.admission.rows, batch, start)),
+                   threading.Thread(target=store, args=(other, batch[::-1], start))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    assert failures == []
+    assert len(stored(app)) == 600

@@ -74,7 +74,7 @@ def test_a_delivery_with_a_step_still_scheduled_is_kept(
 
 def test_retention_runs_in_the_background_unless_turned_off(make_config: Callable[..., Path]) -> None:
     with Vivoflow(make_config(), worker=False) as keeping:
-        assert [c.name for c in background_chores(keeping.intake_app)] == ["requeue", "retention"]
+        assert "retention" in [c.name for c in background_chores(keeping.intake_app)]
     with Vivoflow(make_config(store={"url": "sqlite:///data/vivoflow.db", "retention_days": 0}),
                   worker=False) as forever:
-        assert [c.name for c in background_chores(forever.intake_app)] == ["requeue"]
+        assert "retention" not in [c.name for c in background_chores(forever.intake_app)]

@@ -108,7 +108,10 @@ class DeliveryRows:
         """
         now = time.time()
         values = [{"id": new_id("dlv"), "received_at": now, "source": "webhook", **row} for row in rows]
-        parameters = values if self._order is None else [tuple(v[n] for n in self._order) for v in values]
+        # In key order: two intakes inserting overlapping batches then lock the keys in the same
+        # order, where PostgreSQL would otherwise break a deadlock by failing one of them.
+        ordered = sorted(values, key=lambda v: v["dedupe_key"])
+        parameters = ordered if self._order is None else [tuple(v[n] for n in self._order) for v in ordered]
         with self.engine.begin() as conn:
             if self.sqlite:
                 conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
