@@ -120,6 +120,8 @@ BAD_SIGNATURES: dict[str, BadSignature] = {
     "no-v1-entry": lambda body: ({VIVO_HEADER: f"t={int(time.time())}"}, body),
     "no-t-entry": lambda body: ({VIVO_HEADER: sign(body, SIGNING_KEY).split(",", 1)[1]}, body),
     "t-not-an-integer": lambda body: ({VIVO_HEADER: "t=soon," + sign(body, SIGNING_KEY).split(",", 1)[1]}, body),
+    "t-with-a-sign-or-spaces-int-would-take": lambda body: (
+        {VIVO_HEADER: sign(body, SIGNING_KEY).replace("t=", "t=+")}, body),
     "wrong-key": lambda body: ({VIVO_HEADER: sign(body, "not-the-key")}, body),
     "body-altered-after-signing": lambda body: (
         {VIVO_HEADER: sign(body, SIGNING_KEY)}, body.replace(b"Jamie", b"James")),

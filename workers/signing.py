@@ -41,10 +41,10 @@ def verify(header: str | None, body: bytes, keys: list[bytes], *, tolerance: int
     for part in header.split(",")[:32]:  # a bounded number of entries: no work amplification
         name, _, value = part.strip().partition("=")
         if name == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                raise SignatureError("signature timestamp is not an integer") from None
+            # Digits only: int() would also take " 17…", "+17…" or "1_7…", none of them the format.
+            if not (value.isascii() and value.isdigit()):
+                raise SignatureError("signature timestamp is not an integer")
+            timestamp = int(value)
         elif name == "v1":
             candidates.append(value.strip())
     if timestamp is None or not candidates:
