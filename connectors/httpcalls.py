@@ -8,6 +8,7 @@ service's own message, never a credential.
 from __future__ import annotations
 
 import email.utils
+import http.cookiejar
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +22,15 @@ MESSAGE_LIMIT = 500
 
 
 def make_client(base_url: str = "", *, timeout: float = 10.0, headers: dict[str, str] | None = None) -> httpx.Client:
-    """The one client a connector keeps per worker process (connections are pooled)."""
+    """The one client a connector keeps per worker process (connections are pooled).
+
+    Its cookie jar keeps nothing: the client serves every run, so a cookie one invitee's call
+    received would otherwise ride along on the next invitee's.
+    """
     return httpx.Client(
         base_url=base_url, timeout=httpx.Timeout(timeout), headers=headers or {},
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16), follow_redirects=False,
+        cookies=http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
     )
 
 

@@ -92,6 +92,12 @@ def remote_app(gate: Gate) -> Starlette:
     async def huge(request: Request) -> Response:
         return PlainTextResponse("x" * (BODY_LIMIT * 2))
 
+    async def login(request: Request) -> Response:
+        # A service that hands out a session cookie (as many web APIs behind a login do).
+        response = JSONResponse({"ok": True})
+        response.set_cookie("session", "invitee-one-s3ssion")
+        return response
+
     async def hook(request: Request) -> Response:
         # The path as it came over the wire, before the server decodes it.
         return JSONResponse({"raw_path": request.scope["raw_path"].decode(), "host": request.headers["host"]})
@@ -105,6 +111,7 @@ def remote_app(gate: Gate) -> Starlette:
         Route("/slow", slow, methods=ALL_METHODS),
         Route("/huge", huge, methods=["GET"]),
         Route("/hooks/{rest:path}", hook, methods=ALL_METHODS),
+        Route("/login", login, methods=ALL_METHODS),
     ])
 
 
@@ -359,3 +366,16 @@ steps:
 
     [got] = fake.received("POST", "/hooks/canceled")
     assert got.json == {"name": "Jamie Rivera", "reason": "I have a conflict that day"}
+
+
+def test_a_cookie_one_call_receives_is_never_sent_on_another(
+    fake: FakeService, connector: Callable[..., HttpConnector],
+) -> None:
+    """Calls of different runs (different invitees) share the connector's client, not a session."""
+    conn = connector()
+
+    request(conn, method="POST", url=f"{fake.url}/login")
+    request(conn, method="GET", url=f"{fake.url}/echo")
+
+    [later] = fake.received("GET", "/echo")
+    assert "cookie" not in later.headers
