@@ -32,7 +32,7 @@ log = logging.getLogger("vivoflow.intake")
 
 #: The ``outcome`` label of ``vivoflow_webhooks`` for each answer.
 OUTCOMES = {202: "accepted", 200: "duplicate", 401: "unauthorized", 413: "too_large", 400: "bad_request",
-            408: "timeout", 503: "unavailable"}
+            408: "timeout", 503: "unavailable", 500: "error"}
 
 
 class BodyTooLarge(Exception):
@@ -91,7 +91,9 @@ class Webhook:
     def __init__(self, app: App) -> None:
         self.app = app
         self.settings = app.config.intake
-        self.counter = process_metrics().webhooks
+        counter = process_metrics().webhooks
+        # The labelled children looked up once: ``labels()`` takes a lock and builds a key per call.
+        self.counted = {status: counter.labels(outcome) for status, outcome in OUTCOMES.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -99,7 +101,7 @@ class Webhook:
         except Exception:  # a bug: one JSON line for the sender, the trace for us
             log.exception("webhook failed")
             status, answer, close = 500, {"error": "internal error"}, False
-        self.counter.labels(OUTCOMES.get(status, str(status))).inc()
+        self.counted[status].inc()
         body = json.dumps(answer).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if close:
