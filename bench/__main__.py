@@ -2,7 +2,7 @@
 
 Stages: intake (+ per-request parts and the Redis ceiling), e2e, cluster (2 intakes + 2 workers on
 PostgreSQL and Redis), worker, then the py-spy profiles.
-Full run: about 4 minutes on 2 cores; ``--quick``: about 30 s. Loopback only.
+Full run: under 3 minutes on 2 cores; ``--quick``: about 30 s. Loopback only.
 """
 
 from __future__ import annotations
