@@ -190,3 +190,28 @@ def test_two_intakes_storing_the_same_deliveries_in_opposite_orders_both_succeed
 
     assert failures == []
     assert len(stored(app)) == 600
+
+
+def test_on_postgresql_a_store_that_keeps_the_batch_waiting_does_not_stop_the_event_loop(app: App) -> None:
+    """A database across the network is written from a thread: /healthz and the rest go on meanwhile."""
+    if app.admission.rows.sqlite:
+        pytest.skip("SQLite is written on the loop (a local file)")
+
+    async def scenario() -> tuple[int, Admitted]:
+        admitting = asyncio.ensure_future(app.admission.admit(row(1)))
+        turns = 0
+        while not admitting.done():  # the insert waits for the table lock until the timer lifts it
+            await asyncio.sleep(0.01)
+            turns += 1
+        return turns, await admitting
+
+    with app.store.engine.connect() as blocker:
+        blocker.execute(sa.text("LOCK TABLE deliveries IN EXCLUSIVE MODE"))
+        release = threading.Timer(1.0, blocker.rollback)  # from another thread: the loop's may be stuck
+        release.start()
+        turns, admitted = asyncio.run(scenario())
+        release.join()
+
+    assert turns >= 20  # the loop kept turning while the batch was held (written on the loop: 0 or 1)
+    assert admitted.duplicate is False
+    assert list(stored(app)) == [admitted.delivery_id]

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,11 +157,13 @@ class DeliveryWriter:
     about 200 µs alone (a commit and a round trip each): at a few thousand webhooks a second,
     a millisecond's wait is what turns lone requests into batches.
 
-    The flush runs on the loop itself, not a thread: a writer thread spent most of its time
-    waiting for the GIL after each database or socket call while the loop parsed requests
-    (Python's 5 ms switch interval), which made every batch tens of milliseconds long. On the
-    loop, a batch costs its own work and the short waits of a local SQLite file and a
-    loopback Redis.
+    On SQLite the flush runs on the loop itself, not a thread: a writer thread spent most of
+    its time waiting for the GIL after each database or socket call while the loop parsed
+    requests (Python's 5 ms switch interval), which made every batch tens of milliseconds
+    long. On the loop, a batch costs its own work and the short waits of a local file and a
+    loopback Redis. A database across the network (PostgreSQL) is written from one thread
+    instead: its round trips, or a server that stops answering, must not stop the loop (and
+    with it ``/healthz``); the thread mostly waits on the network there, GIL released.
     """
 
     def __init__(self, store: Store, queue_: Queue, *, max_batch: int = 256, linger_seconds: float = 0.001) -> None:
@@ -171,6 +174,7 @@ class DeliveryWriter:
         # One batch per event loop: tests drive the app from several loops in turn.
         self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Pending]] = (
             weakref.WeakKeyDictionary())
+        self._remote = None if self.rows.sqlite else ThreadPoolExecutor(1, thread_name_prefix="vivoflow-admission")
 
     async def admit(self, row: dict[str, Any]) -> Admitted:
         """Store ``row`` once per dedupe key and enqueue it; raises ``Unavailable``."""
@@ -188,18 +192,22 @@ class DeliveryWriter:
             self._batches[loop] = batch[self.max_batch:]
             batch = batch[:self.max_batch]
             loop.call_soon(self._flush, loop)
+        if self._remote is None:
+            _settle(batch, self._outcomes(batch))
+        else:
+            self._remote.submit(lambda: loop.call_soon_threadsafe(_settle, batch, self._outcomes(batch)))
+
+    def _outcomes(self, batch: list[_Pending]) -> list[Admitted | Exception]:
         try:
-            outcomes: list[Admitted | Exception] = [*self.write([p.row for p in batch])]
+            return [*self.write([p.row for p in batch])]
         except Exception as exc:  # noqa: BLE001 - a bug: the requests get a 500, not an endless wait
             log.exception("storing %d deliveries failed", len(batch))
-            outcomes = [exc] * len(batch)
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.future.done():  # the client went away and its request was cancelled
-                continue
-            if isinstance(outcome, Admitted):
-                pending.future.set_result(outcome)
-            else:
-                pending.future.set_exception(outcome)
+            return [exc] * len(batch)
+
+    def close(self) -> None:
+        """Let the batches handed to the writer thread finish (PostgreSQL and the like)."""
+        if self._remote is not None:
+            self._remote.shutdown(wait=True)
 
     def write(self, rows: list[dict[str, Any]]) -> list[Admitted | Unavailable]:
         """Store and enqueue a batch: one outcome per row, in order (``Unavailable`` is not raised)."""
@@ -225,3 +233,14 @@ class DeliveryWriter:
         # A duplicate of a delivery withdrawn just now was never really accepted either.
         return [Unavailable("queue") if s.delivery_id in failed else Admitted(s.delivery_id, s.duplicate)
                 for s in stored]
+
+
+def _settle(batch: list[_Pending], outcomes: list[Admitted | Exception]) -> None:
+    """Answer each waiting request of a batch (on its event loop)."""
+    for pending, outcome in zip(batch, outcomes, strict=True):
+        if pending.future.done():  # the client went away and its request was cancelled
+            continue
+        if isinstance(outcome, Admitted):
+            pending.future.set_result(outcome)
+        else:
+            pending.future.set_exception(outcome)

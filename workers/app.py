@@ -131,6 +131,8 @@ class App:
         return checks
 
     def close(self) -> None:
+        if "admission" in self.__dict__:
+            self.admission.close()
         self.registry.close()
         if "broker" in self.__dict__:
             self.broker.close()
