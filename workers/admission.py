@@ -2,10 +2,9 @@
 
 A webhook is answered 202 only once it is both stored and on the queue. Doing
 that one request at a time costs a transaction and a broker round trip each,
-which is what limited the intake. Here requests hand their delivery to one
-writer thread; it takes everything waiting (up to ``max_batch``), stores it in
-one transaction, enqueues the new ones in one pipelined round trip, and then
-answers them all. Under light load a batch is one webhook and nothing waits;
+which is what limited the intake. Here the requests that arrive together (up to
+``max_batch``) are stored in one transaction, the new ones enqueued in one round
+trip, and then answered all at once. Under light load a batch is one webhook;
 under a flood batches grow by themselves, so the cost per webhook falls as the
 load rises. The promise to the sender is unchanged: nothing is answered 202
 before it is durable, and a store or broker failure is a 503 with nothing
