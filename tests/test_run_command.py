@@ -140,6 +140,16 @@ def test_run_sends_the_cancel_followup_and_stops_cleanly(run_config: Any, smtp_s
     assert "Traceback" not in run.log()
 
 
+def test_ctrl_c_stops_run_cleanly(run_config: Any) -> None:
+    run = run_config.start(run_config(smtp=False))
+    pid = run.broker_pid()
+
+    assert run.stop(signal.SIGINT) == 0
+    assert not alive(pid)
+    assert "stopped" in run.log()
+    assert "aborted" not in run.log() and "Traceback" not in run.log()
+
+
 def test_without_smtp_host_the_email_lands_in_the_outbox(run_config: Any, tmp_path: Path) -> None:
     run = run_config.start(run_config(smtp=False))
 

@@ -63,6 +63,8 @@ def serve(app: App) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # the Ctrl-C uvicorn has already handled (a clean stop), raised again on its way out
     finally:
         for chore in chores:
             chore.stop()
