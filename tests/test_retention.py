@@ -78,3 +78,17 @@ def test_retention_runs_in_the_background_unless_turned_off(make_config: Callabl
     with Vivoflow(make_config(store={"url": "sqlite:///data/vivoflow.db", "retention_days": 0}),
                   worker=False) as forever:
         assert "retention" not in [c.name for c in background_chores(forever.intake_app)]
+
+
+def test_a_long_history_is_pruned_a_batch_at_a_time_to_the_end(start_intake: Callable[..., Vivoflow]) -> None:
+    """Short transactions (the intake waits for SQLite's write lock), and still every old one goes."""
+    intake = start_intake()
+    ids = [intake.post(fixture_body("invitee.created", created_at=f"2026-01-0{n + 1}T00:00:00.000000Z"))
+           .json()["delivery_id"] for n in range(7)]
+    for delivery_id in ids[:5]:
+        age(intake, delivery_id, days=40)
+
+    removed = intake.store.prune(time.time() - 30 * 86400, batch=2)
+
+    assert removed == 5
+    assert [d for d in ids if intake.store.get_delivery(d)] == ids[5:]

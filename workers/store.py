@@ -190,23 +190,34 @@ class Store:
             ).one()
         return int(count), earliest
 
-    def prune(self, received_before: float) -> int:
+    def prune(self, received_before: float, *, batch: int = 500) -> int:
         """Delete deliveries received before the cutoff, with their runs, steps, claims and replays.
 
         A delivery with a step still scheduled is kept, whatever its age: its work is not done.
+        Deleted ``batch`` deliveries per transaction: a first prune of a long history must not
+        hold SQLite's write lock, which the intake waits for, for its whole length.
         """
-        old = sa.select(deliveries.c.id).where(deliveries.c.received_at < received_before)
         waiting = sa.select(runs.c.delivery_id).join(steps, steps.c.run_id == runs.c.id).where(
             steps.c.status == "scheduled")
-        doomed = old.where(deliveries.c.id.not_in(waiting))
-        doomed_runs = sa.select(runs.c.id).where(runs.c.delivery_id.in_(doomed))
-        with self.engine.begin() as conn:
-            conn.execute(steps.delete().where(steps.c.run_id.in_(doomed_runs)))
-            conn.execute(replays.delete().where(replays.c.target.in_(doomed_runs) | replays.c.target.in_(doomed)))
-            conn.execute(runs.delete().where(runs.c.delivery_id.in_(doomed)))
-            conn.execute(claims.delete().where(claims.c.owner.in_(doomed)))
-            conn.execute(locks.delete().where(locks.c.expires_at < time.time()))
-            return conn.execute(deliveries.delete().where(deliveries.c.id.in_(doomed))).rowcount
+        removed = 0
+        while True:
+            with self.engine.connect() as conn:
+                candidates = list(conn.execute(
+                    sa.select(deliveries.c.id).where(deliveries.c.received_at < received_before,
+                                                     deliveries.c.id.not_in(waiting)).limit(batch)
+                ).scalars())
+            # Checked again inside the transaction: a step may have been scheduled meanwhile.
+            doomed = sa.select(deliveries.c.id).where(deliveries.c.id.in_(candidates), deliveries.c.id.not_in(waiting))
+            doomed_runs = sa.select(runs.c.id).where(runs.c.delivery_id.in_(doomed))
+            with self.engine.begin() as conn:
+                conn.execute(steps.delete().where(steps.c.run_id.in_(doomed_runs)))
+                conn.execute(replays.delete().where(replays.c.target.in_(doomed_runs) | replays.c.target.in_(doomed)))
+                conn.execute(runs.delete().where(runs.c.delivery_id.in_(doomed)))
+                conn.execute(claims.delete().where(claims.c.owner.in_(doomed)))
+                removed += conn.execute(deliveries.delete().where(deliveries.c.id.in_(doomed))).rowcount
+                if len(candidates) < batch:
+                    conn.execute(locks.delete().where(locks.c.expires_at < time.time()))
+                    return removed
 
     def unprocessed_deliveries(self, older_than: float) -> list[str]:
         """Deliveries stored but never processed: to be enqueued again after a crash."""
