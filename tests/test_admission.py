@@ -19,11 +19,12 @@ import pytest
 import sqlalchemy as sa
 
 from workers.actors import PROCESS_DELIVERY
-from workers.admission import REQUEUE_AFTER_SECONDS, Admitted, DeliveryRows, Unavailable
+from workers.admission import REQUEUE_AFTER_SECONDS, Admitted, Unavailable
 from workers.app import App
 from workers.broker import EmbeddedRedis
 from workers.config import load_config
 from workers.schema import deliveries
+from workers.store import Store
 
 pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
@@ -153,11 +154,10 @@ def test_messages_queued_in_a_batch_are_dramatiq_messages_a_worker_can_fetch(app
 
 def test_the_intake_leaves_sqlite_checkpoints_to_its_background_chore(app: App) -> None:
     """A checkpoint syncs the database: on the event loop it stalled every request in flight."""
-    rows = app.admission.rows
-    if not rows.sqlite:
+    if not app.admission.sqlite:  # the intake's writer defers its store's checkpoints
         pytest.skip("WAL checkpoints are SQLite's")
     for batch in range(12):  # ~5 MB of bodies: past SQLite's automatic checkpoint at 1,000 pages
-        rows.insert([{**row(batch * 100 + n), "body": "x" * 4000} for n in range(100)])
+        app.store.insert_deliveries([{**row(batch * 100 + n), "body": "x" * 4000} for n in range(100)])
 
     with app.store.engine.connect() as conn:
         busy, frames, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
@@ -168,25 +168,26 @@ def test_the_intake_leaves_sqlite_checkpoints_to_its_background_chore(app: App) 
 
 def test_two_intakes_storing_the_same_deliveries_in_opposite_orders_both_succeed(app: App) -> None:
     """Overlapping batches lock their keys in one order, so PostgreSQL has no deadlock to break."""
-    other = DeliveryRows(app.store)
+    other = Store(app.store.url)  # the second intake's own engine and connections
     failures: list[BaseException] = []
 
-    def store(rows: DeliveryRows, batch: list[dict[str, Any]], start: threading.Barrier) -> None:
+    def insert(store: Store, batch: list[dict[str, Any]], start: threading.Barrier) -> None:
         start.wait()
         try:
-            rows.insert(batch)
+            store.insert_deliveries(batch)
         except BaseException as exc:  # noqa: BLE001 - collected for the assertion
             failures.append(exc)
 
     for round_ in range(10):
         batch = [row(round_ * 100 + n) for n in range(60)]
         start = threading.Barrier(2)
-        threads = [threading.Thread(target=store, args=(app.admission.rows, batch, start)),
-                   threading.Thread(target=store, args=(other, batch[::-1], start))]
+        threads = [threading.Thread(target=insert, args=(app.store, batch, start)),
+                   threading.Thread(target=insert, args=(other, batch[::-1], start))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+    other.close()
 
     assert failures == []
     assert len(stored(app)) == 600
@@ -194,7 +195,7 @@ def test_two_intakes_storing_the_same_deliveries_in_opposite_orders_both_succeed
 
 def test_on_postgresql_a_store_that_keeps_the_batch_waiting_does_not_stop_the_event_loop(app: App) -> None:
     """A database across the network is written from a thread: /healthz and the rest go on meanwhile."""
-    if app.admission.rows.sqlite:
+    if app.admission.sqlite:
         pytest.skip("SQLite is written on the loop (a local file)")
 
     async def scenario() -> tuple[int, Admitted]:

@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-import sqlalchemy as sa
 import sqlalchemy.exc
 from dramatiq.errors import BrokerConnectionError
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from workers.actors import Queue
-from workers.schema import deliveries
-from workers.store import Store, new_id
+from workers.store import Store
 
 log = logging.getLogger("vivoflow.intake")
 
@@ -52,93 +47,6 @@ class Unavailable(Exception):
 class Admitted:
     delivery_id: str
     duplicate: bool
-
-
-@dataclass(frozen=True)
-class Stored:
-    """One row of a batch as the store has it: ours, or the first delivery with its dedupe key."""
-
-    delivery_id: str
-    duplicate: bool
-    received_at: float
-    processed_at: float | None
-
-    def stuck(self, after_seconds: float) -> bool:
-        """Stored long ago by a process that died before enqueueing it: the sender's retry enqueues it."""
-        return self.duplicate and self.processed_at is None and time.time() - self.received_at > after_seconds
-
-
-#: The columns a webhook's delivery row is written with (the rest keep their defaults: unprocessed).
-_COLUMNS = ("id", "received_at", "source", "dedupe_key", "event", "payload_uri", "invitee_uri",
-            "sender_created_at", "body")
-
-
-class DeliveryRows:
-    """The intake's batch writes: insert once per dedupe key, withdraw, checkpoint.
-
-    The insert is SQLAlchemy's compilation of ``INSERT … ON CONFLICT (dedupe_key) DO NOTHING``
-    for the store's dialect (quoted and parameterised as that database wants), executed by
-    the driver's own ``executemany``: SQLAlchemy's per-row parameter processing cost as much
-    as SQLite's insert itself.
-
-    On SQLite the connections that insert do not checkpoint the WAL themselves
-    (``wal_autocheckpoint=0``): a checkpoint copies the WAL into the database and syncs it,
-    and on the event loop that stalled every request for 10 ms or more. ``checkpoint()`` runs
-    from a background thread instead (``workers.runner``), and any other process's connection
-    (the workers') still checkpoints as SQLite normally does.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.engine = store.engine
-        dialect = self.engine.dialect
-        self.sqlite = dialect.name == "sqlite"
-        insert = (sqlite_insert if self.sqlite else postgresql_insert)(deliveries)
-        statement = insert.values({name: sa.bindparam(name) for name in _COLUMNS}).on_conflict_do_nothing(
-            index_elements=["dedupe_key"])
-        compiled = statement.compile(dialect=dialect)
-        self._insert = str(compiled)
-        self._order = compiled.positiontup  # parameter names in order for '?' styles, None for named ones
-
-    def insert(self, rows: list[dict[str, Any]]) -> list[Stored]:
-        """Store each row once per dedupe key, in one transaction; one ``Stored`` per row, in order.
-
-        The rows that clash with a stored dedupe key (or a twin in the same batch, or another
-        intake's that won the race) insert nothing; only when the driver reports fewer rows
-        than it was given are the batch's keys looked up, to name the first delivery of each.
-        """
-        now = time.time()
-        values = [{"id": new_id("dlv"), "received_at": now, "source": "webhook", **row} for row in rows]
-        # In key order: two intakes inserting overlapping batches then lock the keys in the same
-        # order, where PostgreSQL would otherwise break a deadlock by failing one of them.
-        ordered = sorted(values, key=lambda v: v["dedupe_key"])
-        parameters = ordered if self._order is None else [tuple(v[n] for n in self._order) for v in ordered]
-        with self.engine.begin() as conn:
-            if self.sqlite:
-                conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
-            inserted = conn.exec_driver_sql(self._insert, parameters).rowcount
-            if inserted == len(values):
-                return [Stored(value["id"], False, now, None) for value in values]
-            lookup = sa.select(deliveries.c.dedupe_key, deliveries.c.id, deliveries.c.received_at,
-                               deliveries.c.processed_at).where(
-                deliveries.c.dedupe_key.in_(sorted({row["dedupe_key"] for row in rows})))
-            found = {r.dedupe_key: r for r in conn.execute(lookup)}
-        stored = []
-        for value in values:
-            row = found[value["dedupe_key"]]
-            stored.append(Stored(row.id, row.id != value["id"], row.received_at, row.processed_at))
-        return stored
-
-    def delete(self, ids: list[str]) -> None:
-        """Withdraw deliveries that could not be enqueued, so the sender's retry is not a 'duplicate'."""
-        if ids:
-            with self.engine.begin() as conn:
-                conn.execute(deliveries.delete().where(deliveries.c.id.in_(ids)))
-
-    def checkpoint(self) -> None:
-        """Copy the SQLite WAL into the database without waiting on readers or writers."""
-        if self.sqlite:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 @dataclass
@@ -166,14 +74,17 @@ class DeliveryWriter:
     """
 
     def __init__(self, store: Store, queue_: Queue, *, max_batch: int = 256, linger_seconds: float = 0.001) -> None:
-        self.rows = DeliveryRows(store)
+        self.store = store
+        self.sqlite = store.engine.dialect.name == "sqlite"
+        if self.sqlite:
+            store.defer_checkpoints()  # the intake's chore does them (workers.runner), off the loop
         self.queue = queue_
         self.max_batch = max_batch
         self.linger_seconds = linger_seconds
         # One batch per event loop: tests drive the app from several loops in turn.
         self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Pending]] = (
             weakref.WeakKeyDictionary())
-        self._remote = None if self.rows.sqlite else ThreadPoolExecutor(1, thread_name_prefix="vivoflow-admission")
+        self._remote = None if self.sqlite else ThreadPoolExecutor(1, thread_name_prefix="vivoflow-admission")
 
     async def admit(self, row: dict[str, Any]) -> Admitted:
         """Store ``row`` once per dedupe key and enqueue it; raises ``Unavailable``."""
@@ -211,7 +122,7 @@ class DeliveryWriter:
     def write(self, rows: list[dict[str, Any]]) -> list[Admitted | Unavailable]:
         """Store and enqueue a batch: one outcome per row, in order (``Unavailable`` is not raised)."""
         try:
-            stored = self.rows.insert(rows)
+            stored = self.store.insert_deliveries(rows)
         except STORE_ERRORS as exc:
             log.error("store unavailable: %s", type(exc).__name__)
             return [Unavailable("run store") for _ in rows]
@@ -224,7 +135,7 @@ class DeliveryWriter:
             log.error("broker unavailable: %s", type(exc).__name__)
             failed = set(fresh)
             try:
-                self.rows.delete(fresh)
+                self.store.delete_deliveries(fresh)
             except STORE_ERRORS:  # the sender's retry then meets a stuck duplicate, re-enqueued then
                 log.error("could not withdraw %d deliveries after the broker failed", len(fresh))
         if fresh and not failed:

@@ -87,8 +87,8 @@ def background_chores(app: App) -> list[Periodic]:
     """Re-enqueueing stuck deliveries, the intake's SQLite checkpoints, pruning old history
     (``store.retention_days``), and reconciliation (when a Vivocalendar token is set)."""
     chores = [Periodic("requeue", timedelta(minutes=1), lambda: requeue_unprocessed(app, STUCK_AFTER_SECONDS))]
-    if app.admission.rows.sqlite:
-        chores.append(Periodic("checkpoint", timedelta(seconds=1), app.admission.rows.checkpoint))
+    if app.admission.sqlite:  # its connections leave checkpoints to this chore
+        chores.append(Periodic("checkpoint", timedelta(seconds=1), app.store.checkpoint))
     if app.config.store.retention_days:
         keep = timedelta(days=app.config.store.retention_days)
         chores.append(Periodic("retention", timedelta(hours=1), lambda: prune(app, keep)))

@@ -14,11 +14,14 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from workers.errors import ConfigError
 from workers.schema import claims, deliveries, locks, replays, runs, steps
@@ -116,26 +119,64 @@ class Store:
 
     # deliveries -------------------------------------------------------------
 
+    def insert_deliveries(self, rows: list[dict[str, Any]]) -> list[StoredDelivery]:
+        """Store each row once per dedupe key, in one transaction; one ``StoredDelivery`` per row, in order.
+
+        A row whose dedupe key is stored already (or a twin in the same batch, or another
+        intake's that won the race) inserts nothing; only when the driver reports fewer rows
+        than it was given are the batch's keys looked up, to name the first delivery of each.
+        """
+        now = time.time()
+        values = [{"id": new_id("dlv"), "received_at": now, "source": "webhook", **row} for row in rows]
+        # In key order: two intakes inserting overlapping batches then lock the keys in the same
+        # order, where PostgreSQL would otherwise break a deadlock by failing one of them.
+        ordered = sorted(values, key=lambda v: v["dedupe_key"])
+        insert = self._delivery_insert
+        with self.engine.begin() as conn:
+            inserted = conn.exec_driver_sql(insert.sql, insert.parameters(ordered)).rowcount
+            if inserted == len(values):
+                return [StoredDelivery(value["id"], False, now, None) for value in values]
+            lookup = sa.select(deliveries.c.dedupe_key, deliveries.c.id, deliveries.c.received_at,
+                               deliveries.c.processed_at).where(
+                deliveries.c.dedupe_key.in_(sorted({row["dedupe_key"] for row in rows})))
+            found = {r.dedupe_key: r for r in conn.execute(lookup)}
+        stored = []
+        for value in values:
+            row = found[value["dedupe_key"]]
+            stored.append(StoredDelivery(row.id, row.id != value["id"], row.received_at, row.processed_at))
+        return stored
+
     def insert_delivery(self, values: dict[str, Any]) -> tuple[str, bool]:
         """Store a delivery once per dedupe key: ``(id, duplicate)``."""
-        delivery_id = new_id("dlv")
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(deliveries.insert().values(id=delivery_id, received_at=time.time(), **values))
-            return delivery_id, False
-        except IntegrityError:
-            with self.engine.connect() as conn:
-                existing = conn.execute(
-                    sa.select(deliveries.c.id).where(deliveries.c.dedupe_key == values["dedupe_key"])
-                ).scalar_one_or_none()
-            if existing is None:  # the unique clash was on something else: a real bug
-                raise
-            return existing, True
+        [stored] = self.insert_deliveries([values])
+        return stored.delivery_id, stored.duplicate
 
-    def delete_delivery(self, delivery_id: str) -> None:
-        """Undo a delivery that could not be enqueued, so the sender's retry is not a 'duplicate'."""
-        with self.engine.begin() as conn:
-            conn.execute(deliveries.delete().where(deliveries.c.id == delivery_id))
+    @cached_property
+    def _delivery_insert(self) -> _BatchInsert:
+        return _BatchInsert(self.engine)
+
+    def delete_deliveries(self, ids: list[str]) -> None:
+        """Undo deliveries that could not be enqueued, so the sender's retry is not a 'duplicate'."""
+        if ids:
+            with self.engine.begin() as conn:
+                conn.execute(deliveries.delete().where(deliveries.c.id.in_(ids)))
+
+    def defer_checkpoints(self) -> None:
+        """On SQLite, leave WAL checkpoints to ``checkpoint()`` (a background chore) in this process.
+
+        A checkpoint copies the WAL into the database and syncs it, 10 ms or more, inside
+        whichever commit crossed 1,000 pages: on the intake's event loop that stalled every
+        request. Each of this store's connections stops checkpointing the first time it is
+        taken from the pool from now on; other processes' connections (the workers') still do.
+        """
+        if self.engine.dialect.name == "sqlite" and not sa.event.contains(self.engine, "checkout", _no_autocheckpoint):
+            sa.event.listen(self.engine, "checkout", _no_autocheckpoint)
+
+    def checkpoint(self) -> None:
+        """Copy the SQLite WAL into the database without waiting on readers or writers."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def get_delivery(self, delivery_id: str) -> dict[str, Any] | None:
         with self.session() as db:
@@ -309,11 +350,58 @@ class Store:
             return {r.recipe: dict(r._mapping) for r in conn.execute(query)}
 
 
+@dataclass(frozen=True)
+class StoredDelivery:
+    """One row of a batch as the store has it: ours, or the first delivery with its dedupe key."""
+
+    delivery_id: str
+    duplicate: bool
+    received_at: float
+    processed_at: float | None
+
+    def stuck(self, after_seconds: float) -> bool:
+        """A duplicate of a delivery stored that long ago and never processed (its process died
+        before enqueueing it): the sender's retry is what gets it run."""
+        return self.duplicate and self.processed_at is None and time.time() - self.received_at > after_seconds
+
+
+#: The columns a delivery row is written with (the rest keep their defaults: unprocessed).
+_DELIVERY_COLUMNS = ("id", "received_at", "source", "dedupe_key", "event", "payload_uri", "invitee_uri",
+                     "sender_created_at", "body")
+
+
+class _BatchInsert:
+    """``INSERT … ON CONFLICT (dedupe_key) DO NOTHING``, compiled once for the store's dialect.
+
+    Executed by the driver's own ``executemany``: SQLAlchemy's per-row parameter processing
+    cost as much as SQLite's insert itself. The SQL text is SQLAlchemy's compilation of the
+    Core statement, so it is quoted and parameterised as that database wants.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        dialect = engine.dialect
+        insert = (sqlite_insert if dialect.name == "sqlite" else postgresql_insert)(deliveries)
+        statement = insert.values({name: sa.bindparam(name) for name in _DELIVERY_COLUMNS}).on_conflict_do_nothing(
+            index_elements=["dedupe_key"])
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.order = compiled.positiontup  # parameter names in order for '?' styles, None for named ones
+
+    def parameters(self, values: list[dict[str, Any]]) -> list[Any]:
+        return values if self.order is None else [tuple(v[name] for name in self.order) for v in values]
+
+
 def _create_private_file(path: Path) -> None:
     """Create the SQLite file (and folder) readable by its owner only: history holds personal data."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     os.close(fd)
+
+
+def _no_autocheckpoint(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    if not record.info.get("no_autocheckpoint"):
+        dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")
+        record.info["no_autocheckpoint"] = True
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
