@@ -435,7 +435,7 @@ class _Recorder:
             status=status, input_json=self.redact.json(input), output_json=self.redact.json(output),
             error=error and self.redact.text(error), due_at=due_at,
         )
-        if status in ("succeeded", "failed", "skipped"):
+        if status in TERMINAL:
             self.metrics.steps.labels(self.step.connector, status).inc()
         elif status == "scheduled" and error and not error.startswith("rate limit"):  # a retry's backoff
             self.metrics.retries.labels(self.step.connector).inc()
