@@ -21,6 +21,8 @@ import time
 from functools import cache
 from typing import Any
 
+from workers.writelock import WriteLock
+
 TERMINAL = ("succeeded", "failed", "skipped")
 
 #: A ``:name`` placeholder (never ``::``, PostgreSQL's cast); the run path's SQL uses no ``%`` either.
@@ -50,22 +52,36 @@ class Session:
     writes fails at once with SQLITE_BUSY if another process wrote meanwhile, whatever the busy
     timeout; taking the write lock first makes it wait its turn instead. (psycopg begins a
     transaction at any first statement, which is as good: PostgreSQL locks rows, not the file.)
+    With a ``WriteLock`` the turn comes as soon as the last writer commits (``workers.writelock``).
     """
 
-    def __init__(self, dbapi_connection: Any, dialect: str) -> None:
+    def __init__(self, dbapi_connection: Any, dialect: str, write_lock: WriteLock | None = None) -> None:
         self._conn = dbapi_connection
         self._cursor = dbapi_connection.cursor()
         self._sqlite = dialect == "sqlite"
         self._sql = _named if self._sqlite else _pyformat
+        self._write_lock = write_lock
+        self._holding = False
 
     # plumbing -----------------------------------------------------------------
 
     def commit(self) -> None:
         """Make everything written so far durable (the engine calls it before any network call)."""
-        self._conn.commit()
+        try:
+            self._conn.commit()
+        finally:
+            self._release()
 
     def rollback(self) -> None:
-        self._conn.rollback()
+        try:
+            self._conn.rollback()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._write_lock.release()  # type: ignore[union-attr]
 
     def _read(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         cursor = self._cursor
@@ -79,7 +95,14 @@ class Session:
     def _write(self, sql: str, params: dict[str, Any]) -> Any:
         """Run a write (beginning the transaction if none is open); returns the cursor, rows unread."""
         if self._sqlite and not self._conn.in_transaction:
-            self._cursor.execute("BEGIN IMMEDIATE")
+            if self._write_lock is not None and not self._holding:
+                self._write_lock.acquire()
+                self._holding = True
+            try:
+                self._cursor.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._release()
+                raise
         self._cursor.execute(self._sql(sql), params)
         return self._cursor
 

@@ -26,6 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from workers.errors import ConfigError
 from workers.schema import claims, deliveries, locks, replays, runs, steps
 from workers.session import Session, new_id
+from workers.writelock import WriteLock
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -66,6 +67,9 @@ def _migration_lock(engine: sa.Engine) -> Iterator[None]:
 class Store:
     """All reads and writes of deliveries, runs and steps."""
 
+    #: Queues this machine's writers of a SQLite file (``workers.writelock``); None elsewhere.
+    write_lock: WriteLock | None = None
+
     def __init__(self, url: str) -> None:
         self.url = url
         try:
@@ -81,6 +85,7 @@ class Store:
             kwargs.update(connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=30)
             if parsed.database and parsed.database != ":memory:":
                 _create_private_file(Path(parsed.database))
+                self.write_lock = WriteLock(parsed.database)
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
         try:
@@ -101,13 +106,19 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.write_lock is not None:
+            self.write_lock.close()
+
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        """Around a write transaction of the hot path: wait for this machine's other writers first."""
+        return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """A unit of work on one pooled connection: committed at the end, rolled back on an error."""
         connection = self.engine.raw_connection()
         try:
-            session = Session(connection.dbapi_connection, self.engine.dialect.name)
+            session = Session(connection.dbapi_connection, self.engine.dialect.name, self.write_lock)
             try:
                 yield session
             except BaseException:
@@ -132,7 +143,7 @@ class Store:
         # order, where PostgreSQL would otherwise break a deadlock by failing one of them.
         ordered = sorted(values, key=lambda v: v["dedupe_key"])
         insert = self._delivery_insert
-        with self.engine.begin() as conn:
+        with self._writing(), self.engine.begin() as conn:
             inserted = conn.exec_driver_sql(insert.sql, insert.parameters(ordered)).rowcount
             if inserted == len(values):
                 return [StoredDelivery(value["id"], False, now, None) for value in values]
@@ -158,7 +169,7 @@ class Store:
     def delete_deliveries(self, ids: list[str]) -> None:
         """Undo deliveries that could not be enqueued, so the sender's retry is not a 'duplicate'."""
         if ids:
-            with self.engine.begin() as conn:
+            with self._writing(), self.engine.begin() as conn:
                 conn.execute(deliveries.delete().where(deliveries.c.id.in_(ids)))
 
     def defer_checkpoints(self) -> None:
