@@ -18,6 +18,7 @@ from dramatiq.middleware import Retries
 from workers.engine import Engine
 from workers.errors import Busy
 from workers.store import Store
+from workers.wakeups import wake_channel
 
 log = logging.getLogger("vivoflow.actors")
 
@@ -65,7 +66,8 @@ class Queue:
         commit hands over a batch at a time, so the batch is written as the script writes a
         message, in one MULTI/EXEC: data into ``<ns>:<queue>.msgs``, ids onto ``<ns>:<queue>``
         (the layout documented at the top of dramatiq's ``brokers/redis/dispatch.lua``; the
-        end-to-end tests consume these messages with Dramatiq's own worker). The middleware's
+        end-to-end tests consume these messages with Dramatiq's own worker), and waiting
+        consumers are woken (``workers.wakeups``). The middleware's
         enqueue hooks run as they would. A broker without that layout (RabbitMQ) gets the
         messages one by one.
         """
@@ -89,6 +91,7 @@ class Queue:
         pipeline = broker.client.pipeline(transaction=True)
         pipeline.hset(f"{queue_key}.msgs", mapping={m.message_id: m.encode() for m in messages})
         pipeline.rpush(queue_key, *(m.message_id for m in messages))
+        pipeline.publish(wake_channel(broker.namespace, self.name), b"")
         pipeline.execute()
         for message in messages if hooks else ():
             broker.emit_after("enqueue", message, None)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import redis
 from dramatiq import Broker
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, Retries, ShutdownNotifications
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from workers.config import BrokerConfig
 from workers.errors import ConfigError, ServiceUnavailable
+from workers.wakeups import WakingRedisBroker
 
 log = logging.getLogger("vivoflow.broker")
 
@@ -160,7 +160,7 @@ def discover_embedded(data_dir: Path) -> str | None:
 
 
 def make_broker(url: str, *, namespace: str, heartbeat_timeout_seconds: float = 60.0) -> Broker:
-    """Dramatiq's RedisBroker with the middleware vivoflow relies on.
+    """Dramatiq's RedisBroker (woken consumers: ``workers.wakeups``) with the middleware vivoflow relies on.
 
     Retries are vivoflow's own (per step, in the engine); Dramatiq's Retries
     middleware only carries the redelivery and its backoff.
@@ -176,7 +176,7 @@ def make_broker(url: str, *, namespace: str, heartbeat_timeout_seconds: float = 
     except ValueError as exc:
         raise ConfigError(f"broker.url: {exc}") from None
     # Maintenance (requeueing a dead worker's messages) runs on `maintenance_chance` in a million
-    # commands (Dramatiq's scale); an idle worker's consumers fetch ~25 times a second, so
+    # commands (Dramatiq's scale); an idle worker's two consumers fetch ~20 times a second, so
     # 10_000 (1 in 100) means every few seconds.
-    return RedisBroker(client=client, namespace=namespace, middleware=middleware,
-                       heartbeat_timeout=int(heartbeat_timeout_seconds * 1000), maintenance_chance=10_000)
+    return WakingRedisBroker(client=client, namespace=namespace, middleware=middleware,
+                             heartbeat_timeout=int(heartbeat_timeout_seconds * 1000), maintenance_chance=10_000)

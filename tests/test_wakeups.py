@@ -1,0 +1,148 @@
+"""Consumers woken by a publish: a message enqueued while a consumer waits on an empty queue is
+fetched then, not at the consumer's next idle poll.
+
+Every consumer here has an idle timeout of a minute: a consumer that only polled would still be
+asleep when the test gives up waiting (a generous 20 s, for a loaded machine), so each test fails
+if the wake-up does not come. Real Redis, Dramatiq's own message encoding.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from dramatiq import Message
+
+from workers.actors import PROCESS_DELIVERY, Queue
+from workers.broker import make_broker
+from workers.wakeups import WakingRedisBroker
+
+IDLE_TIMEOUT_MS = 60_000
+GIVE_UP_S = 20
+
+
+@pytest.fixture
+def queue(redis_url: str, namespace: str) -> Iterator[Queue]:
+    broker = make_broker(redis_url, namespace=namespace)
+    assert isinstance(broker, WakingRedisBroker)
+    yield Queue(broker, "wakeups")
+    broker.close()
+
+
+def next_message_in_thread(consumer: Any) -> tuple[threading.Thread, list[Any]]:
+    """Iterate ``consumer`` in a thread until it yields a message (None means it waited)."""
+    got: list[Any] = []
+
+    def fetch() -> None:
+        for message in consumer:
+            if message is not None:
+                got.append(message)
+                return
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def entered(obj: Any, method: str) -> threading.Event:
+    """An event set when ``obj.method`` is first called (it is called through, unchanged): to
+    enqueue only once the consumer waits, which is the case a wake-up is for."""
+    event = threading.Event()
+    original = getattr(obj, method)
+
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        event.set()
+        return original(*args, **kwargs)
+
+    setattr(obj, method, observed)
+    return event
+
+
+def enqueue_by_intake(queue: Queue, delivery_id: str) -> None:
+    queue.deliveries([delivery_id])
+
+
+def enqueue_by_dramatiq(queue: Queue, delivery_id: str) -> None:
+    queue.delivery(delivery_id)  # RedisBroker.enqueue, as the CLI, reconcile and retries do
+
+
+@pytest.mark.parametrize("enqueue", [enqueue_by_intake, enqueue_by_dramatiq], ids=["intake-batch", "broker-enqueue"])
+def test_a_waiting_consumer_fetches_a_message_as_soon_as_it_is_enqueued(
+        queue: Queue, enqueue: Callable[[Queue, str], None]) -> None:
+    consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
+    try:
+        waiting = entered(consumer._wake, "get_message")
+        thread, got = next_message_in_thread(consumer)
+        assert waiting.wait(GIVE_UP_S)
+        enqueue(queue, "dlv_1")
+        thread.join(GIVE_UP_S)
+        assert not thread.is_alive(), "the consumer slept through the enqueue"
+        assert [m.actor_name for m in got] == [PROCESS_DELIVERY]
+        assert got[0].args == ("dlv_1",)
+        consumer.ack(got[0])
+    finally:
+        consumer.close()
+
+
+def test_a_consumer_with_its_prefetch_full_takes_the_next_message_once_one_is_acknowledged(queue: Queue) -> None:
+    queue.deliveries(["dlv_1", "dlv_2"])
+    consumer = queue.broker.consume(queue.name, prefetch=1, timeout=IDLE_TIMEOUT_MS)
+    try:
+        first = next(consumer)
+        assert first.args == ("dlv_1",)
+        waiting = entered(consumer._room, "wait")
+        thread, got = next_message_in_thread(consumer)  # full: waits for an acknowledgement
+        assert waiting.wait(GIVE_UP_S)
+        consumer.ack(first)
+        thread.join(GIVE_UP_S)
+        assert not thread.is_alive(), "the acknowledgement did not make room"
+        assert got[0].args == ("dlv_2",)
+        consumer.ack(got[0])
+    finally:
+        consumer.close()
+
+
+def test_a_publish_before_the_wait_is_not_lost(queue: Queue) -> None:
+    """A message enqueued between a fetch that found nothing and the wait still wakes the consumer."""
+    consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
+    try:
+        queue.deliveries(["dlv_1"])  # published while nobody waits: the subscription keeps it
+        consumer._wait_for_publish()  # returns at once
+        assert next(consumer).args == ("dlv_1",)
+    finally:
+        consumer.close()
+
+
+def test_delayed_messages_wake_the_delay_queue_consumer(queue: Queue) -> None:
+    consumer = queue.broker.consume(f"{queue.name}.DQ", prefetch=2, timeout=IDLE_TIMEOUT_MS)
+    try:
+        waiting = entered(consumer._wake, "get_message")
+        thread, got = next_message_in_thread(consumer)
+        assert waiting.wait(GIVE_UP_S)
+        queue.resume("run_1", delay_ms=50)
+        thread.join(GIVE_UP_S)
+        assert not thread.is_alive()
+        assert got[0].args == ("run_1",) and got[0].options["eta"] > 0
+        consumer.ack(got[0])
+    finally:
+        consumer.close()
+
+
+def test_a_plain_dramatiq_message_on_the_queue_is_found_by_the_idle_poll(queue: Queue, redis_url: str) -> None:
+    """Nothing depends on the publish: a message a plain RedisBroker enqueued is fetched all the same."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    plain = RedisBroker(url=redis_url, namespace=queue.broker.namespace)
+    plain.declare_queue(queue.name)
+    plain.enqueue(Message(queue_name=queue.name, actor_name=PROCESS_DELIVERY, args=("dlv_9",), kwargs={},
+                          options={}))
+    consumer = queue.broker.consume(queue.name, prefetch=2, timeout=200)
+    try:
+        message = next(m for m in consumer if m is not None)
+        assert message.args == ("dlv_9",)
+        consumer.ack(message)
+    finally:
+        consumer.close()
+        plain.close()
