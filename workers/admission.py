@@ -76,7 +76,8 @@ class DeliveryWriter:
     with it ``/healthz``); the thread mostly waits on the network there, GIL released.
     """
 
-    def __init__(self, store: Store, queue_: Queue, *, max_batch: int = 256, linger_seconds: float | None = None) -> None:
+    def __init__(self, store: Store, queue_: Queue, *, max_batch: int = 256,
+                 linger_seconds: float | None = None) -> None:
         self.store = store
         self.sqlite = store.engine.dialect.name == "sqlite"
         if self.sqlite:
