@@ -106,6 +106,9 @@ class Engine:
                 log.warning("delivery %s not found; nothing to do", delivery_id)
                 return []
             envelope = Envelope.model_validate_json(delivery["body"])
+            # Built before the invitee's lock begins the transaction: the store's write lock
+            # is held from there to the first commit, so work that needs no store stays out.
+            ctx = build_context(envelope)
             with self.bookings.in_order(db, delivery):
                 if (original := self.bookings.duplicate_of(db, delivery)) is not None:
                     db.mark_duplicate(delivery_id, original)
@@ -113,7 +116,7 @@ class Engine:
                     return []
                 superseded = self.bookings.superseded_by(db, delivery)
                 skip = f"superseded: the invitee canceled ({superseded}) before this booking was processed"
-                run_ids = self._run_recipes(db, delivery, envelope.event, build_context(envelope), key=delivery_id,
+                run_ids = self._run_recipes(db, delivery, envelope.event, ctx, key=delivery_id,
                                             skip_reason=skip if superseded else None)
                 pair = self.bookings.reschedule_pair(db, delivery, envelope)
                 if pair and self.bookings.claim_reschedule(db, pair, delivery_id):
@@ -131,8 +134,9 @@ class Engine:
             if delivery is None:
                 return []
             envelope = Envelope.model_validate_json(delivery["body"])
+            ctx = build_context(envelope)
             with self.bookings.in_order(db, delivery):
-                run_ids = self._run_recipes(db, delivery, envelope.event, build_context(envelope),
+                run_ids = self._run_recipes(db, delivery, envelope.event, ctx,
                                             key=f"{delivery_id}:replay:{replay_id}", only=recipe, replay_id=replay_id,
                                             earlier=earlier)
                 pair = self.bookings.reschedule_pair(db, delivery, envelope)
