@@ -26,7 +26,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 4
 
-# Under 3 minutes, loopback only: prints the table, writes bench/results/<stamp>.json and latest.json.
+# Under 4 minutes, loopback only: prints the table, writes bench/results/<stamp>.json and latest.json.
 bench: $(VENV)/.installed
 	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet py-spy || echo "no py-spy: profiles skipped"
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -24,7 +24,7 @@ import yaml
 
 from bench import procs
 from bench.config import E2E_RECIPE, write_recipes
-from bench.e2e import Sink, one_rate
+from bench.e2e import Sink, one_rate, warm_up
 from bench.payloads import SIGNING_KEY
 from bench.procs import Child, peak_rss_mib
 
@@ -136,6 +136,7 @@ def _deployment(ctx: Any, sink: Sink, folder: Any, broker_url: str, store_url: s
         # `vivoflow worker --processes 1` may run its consumer in a child process: measure the whole tree.
         worker_pids = [[w.pid, *procs.children_of(w.pid)] for w in workers]
         pids = [*(c.pid for c in intakes), *(p for tree in worker_pids for p in tree)]
+        warm_up(ctx, sink, ports, f"c{ctx.run_id}")
         cpu0 = {p: procs.cpu_seconds(p) for p in pids}
         rates = []
         for rate in ctx.rates:
@@ -143,10 +144,10 @@ def _deployment(ctx: Any, sink: Sink, folder: Any, broker_url: str, store_url: s
             if ctx.remaining() < 20 or (rates and section_left < 15):
                 left = (f"time budget ({ctx.remaining():.0f} s left)" if ctx.remaining() < 20
                         else f"section budget ({SECTION_BUDGET_S:g} s)")
-                rates.append({"rate": rate or "max", "n": ctx.n, "skipped": left})
+                rates.append({"rate": rate or "max", "n": ctx.n_at(rate), "skipped": left})
                 continue
             tag = f"c{ctx.run_id}r{rate or 'max'}-"
-            rates.append(one_rate(ctx, sink, ports, tag, ctx.n, rate))
+            rates.append(one_rate(ctx, sink, ports, tag, ctx.n_at(rate), rate))
         cpu1 = {p: procs.cpu_seconds(p) for p in pids}
         arrived = sum(r.get("arrived", 0) for r in rates)
         requests = sum(r["n"] for r in rates if "skipped" not in r)
