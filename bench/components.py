@@ -7,7 +7,6 @@ Dramatiq's enqueue. Each runs for a fixed time in this (otherwise idle) bench pr
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -120,7 +119,8 @@ def intake_parts(url: str, folder: Path, seconds: float) -> dict[str, Any]:
 
     A part whose product API changed under the bench reports its error instead of a figure.
     """
-    from workers.events import Envelope, delivery_facts
+    from workers.events import delivery_facts
+    from workers.intake import parse
     from workers.signing import verify
 
     bodies = Bodies("parts")
@@ -129,7 +129,7 @@ def intake_parts(url: str, folder: Path, seconds: float) -> dict[str, Any]:
     keys = [SIGNING_KEY.encode()]
     namespace = f"bench-parts-{uuid.uuid4().hex[:8]}"
     app = open_app(write_config(folder, broker_url=url, namespace=namespace, processes=0))
-    envelope = Envelope.model_validate(json.loads(body))
+    envelope = parse(body)
     counter = iter(range(10**9))
 
     def store(i: int) -> None:
@@ -137,7 +137,7 @@ def intake_parts(url: str, folder: Path, seconds: float) -> dict[str, Any]:
 
     parts: dict[str, Callable[[int], Any]] = {
         "verify_signature": lambda i: verify(header, body, keys, tolerance=180),
-        "json_and_envelope": lambda i: Envelope.model_validate(json.loads(body.decode())),
+        "parse (the intake's envelope head)": lambda i: parse(body),
         "delivery_facts": lambda i: delivery_facts(envelope, body),
         "store_delivery (parse + facts + insert)": store,
         "broker_enqueue": lambda i: enqueue(app, f"dlv_{i}"),

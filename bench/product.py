@@ -6,7 +6,6 @@ Everything else drives vivoflow through its command line. These mirror the intak
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ def enqueue(app: Any, delivery_id: str) -> None:
 
 def store_delivery(app: Any, body: bytes) -> str:
     """Store one webhook body as the intake does; returns its delivery id."""
-    from workers.events import Envelope, delivery_facts
+    from workers.events import EnvelopeHead, delivery_facts
 
-    envelope = Envelope.model_validate(json.loads(body))
+    envelope = EnvelopeHead.model_validate_json(body)
     facts = delivery_facts(envelope, body)
     delivery_id, _ = app.store.insert_delivery({
         "dedupe_key": facts.dedupe_key, "event": facts.event, "payload_uri": facts.uri,

@@ -26,7 +26,7 @@ from workers.app import App
 from workers.config import load_config
 from workers.engine import Engine
 from workers.errors import Busy
-from workers.events import Envelope, delivery_facts
+from workers.events import EnvelopeHead, delivery_facts
 from workers.recipes import RecipeFolder
 from workers.redaction import Redactor
 
@@ -124,7 +124,7 @@ def store_booking(app: App, tag: str, **envelope: Any) -> str:
     data = json.loads(fixture_body("invitee.created", **envelope))
     data["payload"]["uri"] += f"-{tag}"
     body = json.dumps(data).encode()
-    facts = delivery_facts(Envelope.model_validate_json(body), body)
+    facts = delivery_facts(EnvelopeHead.model_validate_json(body), body)
     delivery_id, _ = app.store.insert_delivery({
         "dedupe_key": facts.dedupe_key, "event": facts.event, "payload_uri": facts.uri,
         "invitee_uri": facts.invitee_uri, "sender_created_at": facts.sender_created_at, "body": body.decode(),

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from workers.admission import Unavailable
 from workers.app import App
 from workers.dashboard import dashboard_routes
-from workers.events import Envelope, delivery_facts
+from workers.events import EnvelopeHead, delivery_facts
 from workers.metrics import CONTENT_TYPE_LATEST, exposition, process_metrics
 from workers.signing import SIGNATURE_HEADERS, SignatureError, verify
 
@@ -58,22 +58,23 @@ async def read_limited(receive: Receive, declared: bytes | None, limit: int) -> 
             return b"".join(chunks)
 
 
-def parse(body: bytes) -> Envelope:
-    """The envelope, parsed once by the parser the workers use; ``ValueError`` says what is wrong.
+def parse(body: bytes) -> EnvelopeHead:
+    """The envelope's head, parsed by the parser the workers use; ``ValueError`` says what is wrong.
 
     Only a refused body is looked at again (by ``json``), to tell malformed JSON from JSON of
     the wrong shape: the accepted path pays for one parse.
     """
     try:
-        return Envelope.model_validate_json(body)
+        return EnvelopeHead.model_validate_json(body)
     except ValidationError as exc:
         problem = exc
     try:
         data: Any = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
         raise ValueError("body is not valid UTF-8 JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("event"), str) or "payload" not in data:
-        raise ValueError("body must be a JSON object with 'event' (a string) and 'payload'")
+    if not isinstance(data, dict) or not isinstance(data.get("event"), str) or not isinstance(data.get("payload"),
+                                                                                                 dict):
+        raise ValueError("body must be a JSON object with 'event' (a string) and 'payload' (an object)")
     err = problem.errors()[0]
     where = ".".join(map(str, err["loc"]))
     raise ValueError(f"{where}: {err['msg']}" if where else err["msg"])

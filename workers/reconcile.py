@@ -18,7 +18,7 @@ from typing import Any
 
 from connectors.vivocalendar import ApiError, VivocalendarApi
 from workers.app import App
-from workers.events import Envelope, delivery_facts
+from workers.events import EnvelopeHead, delivery_facts
 from workers.periodic import Periodic
 
 log = logging.getLogger("vivoflow.reconcile")
@@ -107,7 +107,7 @@ def _store(app: App, event: str, created_at: str, invitee: dict[str, Any], sched
     envelope = {"created_at": created_at, "created_by": RECONCILER, "event": event,
                 "payload": {**invitee, "scheduled_event": scheduled}}
     body = json.dumps(envelope).encode()
-    facts = delivery_facts(Envelope.model_validate(envelope), body)
+    facts = delivery_facts(EnvelopeHead.model_validate(envelope), body)
     delivery_id, _ = app.store.insert_delivery({
         "dedupe_key": facts.dedupe_key, "event": event, "payload_uri": facts.uri, "invitee_uri": facts.invitee_uri,
         "sender_created_at": created_at, "body": body.decode(), "source": "reconcile",
