@@ -104,6 +104,34 @@ def test_a_consumer_with_its_prefetch_full_takes_the_next_message_once_one_is_ac
         consumer.close()
 
 
+def test_a_busy_consumer_refills_half_its_prefetch_at_a_time(queue: Queue) -> None:
+    """Not a fetch per acknowledgement (a Lua call and a thread hand-off each): a drain's cost."""
+    queue.deliveries([f"dlv_{n}" for n in range(8)])
+    consumer = queue.broker.consume(queue.name, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    fetched: list[int] = []
+    fetch = queue.broker.do_fetch
+
+    def counted(queue_name: str, count: int) -> list[bytes]:
+        got = fetch(queue_name, count)
+        fetched.append(len(got))
+        return got
+
+    queue.broker.do_fetch = counted  # observed, not replaced
+    try:
+        first = [next(consumer) for _ in range(4)]
+        assert fetched == [4]
+        waiting = entered(consumer._room, "wait")
+        thread, got = next_message_in_thread(consumer)
+        assert waiting.wait(GIVE_UP_S)
+        consumer.ack(first[0])  # one free slot: not yet worth a fetch
+        consumer.ack(first[1])  # two, half the prefetch: refill
+        thread.join(GIVE_UP_S)
+        assert not thread.is_alive()
+        assert fetched == [4, 2] and got[0].args == ("dlv_4",)
+    finally:
+        consumer.close()
+
+
 def test_a_publish_before_the_wait_is_not_lost(queue: Queue) -> None:
     """A message enqueued between a fetch that found nothing and the wait still wakes the consumer."""
     consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
