@@ -63,7 +63,7 @@ def fixture_body(name: str, **changes: Any) -> bytes:
     return json.dumps(data).encode()
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -147,7 +147,7 @@ class Vivoflow:
     def runs(self, delivery_id: str) -> list[dict[str, Any]]:
         return self.store.runs_of_delivery(delivery_id)
 
-    def wait_for_runs(self, delivery_id: str, count: int = 1, timeout: float = 10.0,
+    def wait_for_runs(self, delivery_id: str, count: int = 1, timeout: float = 30.0,
                       statuses: tuple[str, ...] = ("succeeded", "failed", "skipped")) -> list[dict[str, Any]]:
         """The delivery's runs once ``count`` of them have finished."""
         def finished() -> list[dict[str, Any]] | None:

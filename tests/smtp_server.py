@@ -102,7 +102,7 @@ class SmtpSink:
     ) -> None:
         self.stop()
 
-    def wait_for(self, count: int = 1, timeout: float = 5.0) -> list[ReceivedMessage]:
+    def wait_for(self, count: int = 1, timeout: float = 20.0) -> list[ReceivedMessage]:
         """The messages once at least ``count`` have arrived; AssertionError at the deadline."""
         deadline = time.monotonic() + timeout
         with self._arrived:

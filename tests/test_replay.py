@@ -73,7 +73,7 @@ def steps_of(vivoflow: Vivoflow, run_id: str) -> dict[str, dict[str, Any]]:
     return {s["step_id"]: s for s in vivoflow.store.steps_of(run_id)}
 
 
-def finished(vivoflow: Vivoflow, run_id: str, status: str = "succeeded", timeout: float = 10) -> dict[str, Any]:
+def finished(vivoflow: Vivoflow, run_id: str, status: str = "succeeded", timeout: float = 30) -> dict[str, Any]:
     return wait_until(lambda: (r := vivoflow.store.get_run(run_id)) and r["status"] == status and r, timeout)
 
 
