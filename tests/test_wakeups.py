@@ -132,6 +132,24 @@ def test_a_busy_consumer_refills_half_its_prefetch_at_a_time(queue: Queue) -> No
         consumer.close()
 
 
+def test_a_delay_queue_consumer_fetches_whenever_it_has_room(queue: Queue) -> None:
+    """Its prefetch holds delayed messages until they fall due: a new one is fetched at once."""
+    for n in range(3):
+        queue.resume(f"run_{n}", delay_ms=3_600_000)
+    consumer = queue.broker.consume(f"{queue.name}.DQ", prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    try:
+        held = [next(consumer) for _ in range(3)]  # an hour away each; one slot of four left
+        queue.resume("run_soon", delay_ms=1_000)
+        thread, got = next_message_in_thread(consumer)
+        thread.join(GIVE_UP_S)
+        assert not thread.is_alive(), "the delay queue waited for half its prefetch to fall due"
+        assert got[0].args == ("run_soon",)
+        for message in [*held, *got]:
+            consumer.ack(message)
+    finally:
+        consumer.close()
+
+
 def test_a_publish_before_the_wait_is_not_lost(queue: Queue) -> None:
     """A message enqueued between a fetch that found nothing and the wait still wakes the consumer."""
     consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
