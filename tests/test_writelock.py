@@ -150,3 +150,13 @@ def test_inserting_deliveries_takes_the_lock_and_lets_go(store: Store) -> None:
                               "invitee_uri": "u", "sender_created_at": None, "body": "{}"}])
     assert observed == [True]
     assert not held(store.write_lock)
+
+
+def test_a_lock_file_that_cannot_be_opened_leaves_writers_to_sqlites_own_lock(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    os.mkdir(store.write_lock.path)  # a folder where the file should be: open() fails
+    for key in ("k1", "k2"):
+        with store.session() as db:
+            assert db.claim(key, "me") == "me"
+    warnings = [r.getMessage() for r in caplog.records if "write-lock" in r.getMessage()]
+    assert len(warnings) == 1 and "SQLite's lock alone" in warnings[0]

@@ -18,9 +18,12 @@ process's ``flock``, so a crash never leaves the lock held.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 from types import TracebackType
+
+log = logging.getLogger("vivoflow.store")
 
 
 class WriteLock:
@@ -31,13 +34,16 @@ class WriteLock:
         self._threads = threading.Lock()
         self._fd: int | None = None
         self._pid = 0
+        self._warned = False
 
     def acquire(self) -> None:
         """Wait for this process's other writers, then for other processes' (no time limit:
         a holder is inside a transaction that SQLite's own busy timeout bounds)."""
         self._threads.acquire()
         try:
-            fcntl.flock(self._handle(), fcntl.LOCK_EX)
+            fd = self._handle()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             self._threads.release()
             raise
@@ -56,15 +62,24 @@ class WriteLock:
     def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.release()
 
-    def _handle(self) -> int:
-        """This process's descriptor: ``flock`` is held per open file, so a forked child opens its own."""
+    def _handle(self) -> int | None:
+        """This process's descriptor: ``flock`` is held per open file, so a forked child opens its own.
+
+        None if the file cannot be opened (a read-only or vanished folder): the writers then
+        queue on SQLite's own lock as before, and the store's own error says what is wrong.
+        """
         if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            self._pid = os.getpid()
+            self._fd, self._pid = None, os.getpid()
+            try:
+                self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("cannot open %s (%s): writers wait on SQLite's lock alone", self.path, exc.strerror)
         return self._fd
 
     def close(self) -> None:
-        with self._threads:
-            if self._fd is not None and self._pid == os.getpid():
-                os.close(self._fd)
-            self._fd = None
+        """Close this process's descriptor (a hold still in place ends with it; never waits for one)."""
+        fd, self._fd = self._fd, None
+        if fd is not None and self._pid == os.getpid():
+            os.close(fd)
