@@ -187,10 +187,10 @@ def validate(ctx: Ctx, paths: tuple[Path, ...]) -> None:
 
 
 def _resolve_recipe(app: Any, name: str) -> Any:
-    from workers.recipes import load_recipe
+    from workers.recipes import RECIPE_SUFFIXES, load_recipe
 
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in RECIPE_SUFFIXES and path.exists():
         recipe, errors = load_recipe(path, app.registry, app.templates)
         if errors:
             raise VivoflowError("; ".join(map(str, errors)))
