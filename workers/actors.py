@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from uuid import uuid4
 
 import dramatiq
 from dramatiq import Broker, Message, Middleware
@@ -18,7 +17,7 @@ from dramatiq.middleware import Retries
 from workers.engine import Engine
 from workers.errors import Busy
 from workers.store import Store
-from workers.wakeups import wake_channel
+from workers.wakeups import WakingRedisBroker
 
 log = logging.getLogger("vivoflow.actors")
 
@@ -59,42 +58,13 @@ class Queue:
         self._send(PROCESS_DELIVERY, (delivery_id,), delay_ms)
 
     def deliveries(self, delivery_ids: list[str]) -> None:
-        """Put many stored deliveries on the queue: on Redis in one round trip.
-
-        ``RedisBroker.enqueue`` costs a round trip and a Lua script per message (the script
-        also beats the sender's heartbeat, which only consumers need). The intake's group
-        commit hands over a batch at a time, so the batch is written as the script writes a
-        message, in one MULTI/EXEC: data into ``<ns>:<queue>.msgs``, ids onto ``<ns>:<queue>``
-        (the layout documented at the top of dramatiq's ``brokers/redis/dispatch.lua``; the
-        end-to-end tests consume these messages with Dramatiq's own worker), and waiting
-        consumers are woken (``workers.wakeups``). The middleware's
-        enqueue hooks run as they would. A broker without that layout (RabbitMQ) gets the
-        messages one by one.
-        """
-        if not delivery_ids:
+        """Put many stored deliveries on the queue: on Redis in one round trip
+        (``WakingRedisBroker.enqueue_batch``); a broker without that (RabbitMQ), one by one."""
+        if isinstance(self.broker, WakingRedisBroker):
+            self.broker.enqueue_batch(self.name, PROCESS_DELIVERY, [(delivery_id,) for delivery_id in delivery_ids])
             return
-        broker = self.broker
-        if not isinstance(broker, RedisBroker):
-            for delivery_id in delivery_ids:
-                self.delivery(delivery_id)
-            return
-        messages = []
         for delivery_id in delivery_ids:
-            # The message's own new id doubles as its Redis id (a retry is enqueued afresh, with a new one).
-            message_id = str(uuid4())
-            messages.append(Message(queue_name=self.name, actor_name=PROCESS_DELIVERY, args=(delivery_id,),
-                                    kwargs={}, options={"redis_message_id": message_id}, message_id=message_id))
-        hooks = _enqueue_hooks(broker)
-        for message in messages if hooks else ():
-            broker.emit_before("enqueue", message, None)
-        queue_key = f"{broker.namespace}:{self.name}"
-        pipeline = broker.client.pipeline(transaction=True)
-        pipeline.hset(f"{queue_key}.msgs", mapping={m.message_id: m.encode() for m in messages})
-        pipeline.rpush(queue_key, *(m.message_id for m in messages))
-        pipeline.publish(wake_channel(broker.namespace, self.name), b"")
-        pipeline.execute()
-        for message in messages if hooks else ():
-            broker.emit_after("enqueue", message, None)
+            self.delivery(delivery_id)
 
     def resume(self, run_id: str, delay_ms: int) -> None:
         """Hand a run back to the queue, to continue after ``delay_ms``."""
@@ -118,12 +88,6 @@ class Queue:
             self.broker.client.ping()
         else:
             self.depth()
-
-
-def _enqueue_hooks(broker: Broker) -> bool:
-    """Whether any middleware on ``broker`` has enqueue hooks (Dramatiq's defaults have none)."""
-    return any(type(m).before_enqueue is not Middleware.before_enqueue
-               or type(m).after_enqueue is not Middleware.after_enqueue for m in broker.middleware)
 
 
 class RecordDeadLetters(Middleware):
