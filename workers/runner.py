@@ -115,7 +115,8 @@ def work(app: App, threads: int, stop: threading.Event) -> None:
     # waiting on it). 1 ms: end-to-end p99 at 200 webhooks/s 109 -> 84 ms (3 runs each).
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     app.declare_actors()
-    # A short idle poll keeps the end-to-end lag low; an idle worker asks Redis ten times a second.
+    # Idle consumers are woken by a publish (workers.wakeups); this idle poll is their fallback,
+    # and it paces Dramatiq's maintenance: an idle worker asks Redis ten times a second.
     worker = dramatiq.Worker(app.broker, worker_threads=threads, worker_timeout=100)
     worker.start()
     settle_heap()
