@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from httpx._utils import get_environment_proxies
 
+from connectors.transport import StdlibTransport
 from workers.errors import PermanentStepError, RetryableStepError
 
 #: Longest a remote service's message is quoted in an error, so history stays readable.
@@ -24,14 +26,25 @@ MESSAGE_LIMIT = 500
 def make_client(base_url: str = "", *, timeout: float = 10.0, headers: dict[str, str] | None = None) -> httpx.Client:
     """The one client a connector keeps per worker process (connections are pooled).
 
-    Its cookie jar keeps nothing: the client serves every run, so a cookie one invitee's call
-    received would otherwise ride along on the next invitee's.
+    Requests go out through ``StdlibTransport`` (``connectors.transport``), or through the proxy
+    the environment names for their URL. Its cookie jar keeps nothing: the client serves every
+    run, so a cookie one invitee's call received would otherwise ride along on the next invitee's.
     """
     return httpx.Client(
-        base_url=base_url, timeout=httpx.Timeout(timeout), headers=headers or {},
-        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16), follow_redirects=False,
-        cookies=_NoCookies(),
+        base_url=base_url, timeout=httpx.Timeout(timeout), headers=headers or {}, follow_redirects=False,
+        cookies=_NoCookies(), transport=StdlibTransport(), mounts=_environment_proxies(),
     )
+
+
+def _environment_proxies() -> dict[str, httpx.BaseTransport | None]:
+    """``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` as httpx reads them.
+
+    httpx leaves the environment's proxies out once a client is given its own transport; they
+    are mounted here so that a worker behind a proxy still reaches the outside (httpx's own
+    transport serves proxied URLs; ``None`` is a ``NO_PROXY`` entry, served by ours).
+    """
+    return {pattern: None if proxy is None else httpx.HTTPTransport(proxy=proxy)
+            for pattern, proxy in get_environment_proxies().items()}
 
 
 class _NoCookies(http.cookiejar.CookieJar):
