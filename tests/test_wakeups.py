@@ -155,7 +155,7 @@ def test_a_publish_before_the_wait_is_not_lost(queue: Queue) -> None:
     consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
     try:
         queue.deliveries(["dlv_1"])  # published while nobody waits: the subscription keeps it
-        consumer._wait_for_publish()  # returns at once
+        consumer._wait_idle()  # returns at once
         assert next(consumer).args == ("dlv_1",)
     finally:
         consumer.close()
@@ -192,3 +192,82 @@ def test_a_plain_dramatiq_message_on_the_queue_is_found_by_the_idle_poll(queue: 
     finally:
         consumer.close()
         plain.close()
+
+
+def unacknowledged(queue: Queue) -> set[bytes]:
+    """The message ids Redis holds as fetched by this broker and not yet acknowledged."""
+    broker = queue.broker
+    return broker.client.smembers(f"{broker.namespace}:__acks__.{broker.broker_id}.{queue.name}")
+
+
+def stored(queue: Queue) -> set[bytes]:
+    broker = queue.broker
+    return set(broker.client.hkeys(f"{broker.namespace}:{queue.name}.msgs"))
+
+
+def ids(*messages: Any) -> set[bytes]:
+    return {m.options["redis_message_id"].encode() for m in messages}
+
+
+def test_a_busy_consumer_sends_its_acknowledgements_with_its_next_fetch_in_one_call(queue: Queue) -> None:
+    """Not a round trip per message (Dramatiq's ack): those made since the last call go just before the fetch."""
+    queue.deliveries([f"dlv_{n}" for n in range(6)])
+    consumer = queue.broker.consume(queue.name, prefetch=4, timeout=IDLE_TIMEOUT_MS)
+    calls: list[list[Any]] = []
+    send = consumer._ack_many
+
+    def counted(*, keys: list[str], args: list[Any]) -> Any:
+        calls.append(args[2:])
+        return send(keys=keys, args=args)
+
+    consumer._ack_many = counted  # observed, not replaced
+    try:
+        first = [next(consumer) for _ in range(4)]
+        before = time_ms(queue)
+        consumer.ack(first[0])
+        consumer.ack(first[1])
+        assert calls == [] and ids(first[0], first[1]) <= unacknowledged(queue)  # not yet: no fetch was due
+        assert next(consumer).args == ("dlv_4",)  # the refill: acknowledgements, then the fetch
+        assert calls == [[m.options["redis_message_id"] for m in first[:2]]]
+        assert not ids(first[0], first[1]) & (unacknowledged(queue) | stored(queue))
+        assert ids(first[2], first[3]) <= unacknowledged(queue)
+        assert heartbeat(queue) >= before  # the batch beats this worker's heartbeat, as Dramatiq's ack does
+    finally:
+        consumer.close()
+
+
+def test_an_acknowledgement_made_while_the_consumer_waits_idle_is_sent_at_once(queue: Queue) -> None:
+    queue.deliveries(["dlv_1"])
+    consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
+    try:
+        message = next(consumer)
+        waiting = entered(consumer._wake, "get_message")
+        thread, _ = next_message_in_thread(consumer)  # the queue is empty: it waits a minute
+        assert waiting.wait(GIVE_UP_S)
+        consumer.ack(message)
+        assert not ids(message) & (unacknowledged(queue) | stored(queue))
+        queue.deliveries(["dlv_2"])  # lets the waiting thread finish
+        thread.join(GIVE_UP_S)
+    finally:
+        consumer.close()
+
+
+def test_acknowledgements_still_unsent_when_the_consumer_closes_are_sent(queue: Queue) -> None:
+    queue.deliveries(["dlv_1", "dlv_2"])
+    consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
+    messages = [next(consumer), next(consumer)]
+    for message in messages:
+        consumer.ack(message)
+    assert ids(*messages) <= unacknowledged(queue)
+    consumer.close()
+    assert not ids(*messages) & (unacknowledged(queue) | stored(queue))
+
+
+def time_ms(queue: Queue) -> int:
+    seconds, micros = queue.broker.client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def heartbeat(queue: Queue) -> float:
+    broker = queue.broker
+    return float(broker.client.zscore(f"{broker.namespace}:__heartbeats__", broker.broker_id) or 0)
