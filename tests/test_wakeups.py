@@ -263,6 +263,24 @@ def test_acknowledgements_still_unsent_when_the_consumer_closes_are_sent(queue: 
     assert not ids(*messages) & (unacknowledged(queue) | stored(queue))
 
 
+def test_a_consumer_that_replaces_one_sends_the_acknowledgements_it_left_unsent(queue: Queue) -> None:
+    """Dramatiq replaces a consumer whose connection failed: the new one sends what the old one could not."""
+    queue.deliveries(["dlv_1", "dlv_2"])
+    failed = queue.broker.consume(queue.name, prefetch=1, timeout=IDLE_TIMEOUT_MS)
+    replacement = None
+    try:
+        message = next(failed)
+        failed.ack(message)  # not sent: no fetch came after it, and the consumer never went idle
+        assert ids(message) <= unacknowledged(queue)
+        replacement = queue.broker.consume(queue.name, prefetch=1, timeout=IDLE_TIMEOUT_MS)
+        assert next(replacement).args == ("dlv_2",)
+        assert not ids(message) & (unacknowledged(queue) | stored(queue))
+    finally:
+        failed.close()
+        if replacement is not None:
+            replacement.close()
+
+
 def time_ms(queue: Queue) -> int:
     seconds, micros = queue.broker.client.time()
     return int(seconds) * 1000 + int(micros) // 1000

@@ -55,6 +55,14 @@ def wake_channel(namespace: str, queue_name: str) -> str:
 class WakingRedisBroker(RedisBroker):
     """A ``RedisBroker`` whose enqueues wake the consumers that wait on an empty queue."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unsent_acks: dict[str, _UnsentAcks] = {}
+
+    def unsent_acks(self, queue_name: str) -> _UnsentAcks:
+        """The acknowledgements made on ``queue_name`` that are not in Redis yet."""
+        return self._unsent_acks.setdefault(queue_name, _UnsentAcks())
+
     @property
     def consumer_class(self) -> type[Consumer]:
         return _WakingConsumer
@@ -105,6 +113,20 @@ def _enqueue_hooks(broker: Broker) -> bool:
                or type(m).after_enqueue is not Middleware.after_enqueue for m in broker.middleware)
 
 
+class _UnsentAcks:
+    """Acknowledgements made and not yet sent, for one queue of one broker.
+
+    Kept by the broker, not by a consumer: Dramatiq replaces a consumer whose connection failed,
+    and the new one sends what the old one could not. Otherwise those messages would stay
+    fetched-but-unacknowledged in Redis until the process ends, then run again (as no-ops).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: list[str] = []
+        self.idle = False  # the consumer waits with no fetch to come: an acknowledgement is sent at once
+
+
 class _WakingConsumer(_RedisConsumer):  # type: ignore[misc]  # Dramatiq's own consumer, waiting differently
     def __init__(self, broker: WakingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)
@@ -114,9 +136,9 @@ class _WakingConsumer(_RedisConsumer):  # type: ignore[misc]  # Dramatiq's own c
         # second must not wait for half of them to fall due before it is even fetched.
         self._refill = 1 if queue_name == dq_name(q_name(queue_name)) else max(1, prefetch // 2)
         self._room = threading.Event()  # set when acknowledgements make room for a refill
-        self._acks: list[str] = []  # acknowledged, not yet sent to Redis
-        self._acks_lock = threading.Lock()
-        self._idle = False  # waiting with no fetch to come: an acknowledgement is sent at once
+        self._unsent = broker.unsent_acks(queue_name)
+        with self._unsent.lock:
+            self._unsent.idle = False
         self._ack_many = broker.client.register_script(ACK_MANY)
         namespace = broker.namespace
         self._ack_keys = [f"{namespace}:__heartbeats__", f"{namespace}:__acks__.{broker.broker_id}.{queue_name}",
@@ -130,9 +152,9 @@ class _WakingConsumer(_RedisConsumer):  # type: ignore[misc]  # Dramatiq's own c
 
     def ack(self, message: MessageProxy) -> None:
         """Sent with the next fetch, or now if the consumer waits idle (see the module's docstring)."""
-        with self._acks_lock:
-            self._acks.append(message.options["redis_message_id"])
-            now = self._idle
+        with self._unsent.lock:
+            self._unsent.ids.append(message.options["redis_message_id"])
+            now = self._unsent.idle
         self.queued_message_ids.discard(message.message_id)
         if now:
             self._send_acks(raise_on_error=False)
@@ -176,31 +198,32 @@ class _WakingConsumer(_RedisConsumer):  # type: ignore[misc]  # Dramatiq's own c
 
         Ones that could not be sent stay for the next call (sending one twice is harmless).
         """
-        with self._acks_lock:
-            acks, self._acks = self._acks, []
+        unsent = self._unsent
+        with unsent.lock:
+            acks, unsent.ids = unsent.ids, []
         if not acks:
             return
         try:
             self._ack_many(keys=self._ack_keys, args=[current_millis(), self.broker.broker_id, *acks])
         except redis.RedisError:
-            with self._acks_lock:
-                self._acks[:0] = acks
+            with unsent.lock:
+                unsent.ids[:0] = acks
             if raise_on_error:
                 raise
 
     def _wait_idle(self) -> None:
         """Until something is published on our channel, or the idle timeout; earlier publishes
         still unread count too (they may be for messages the fetch did not see yet)."""
-        with self._acks_lock:
-            self._idle = True
+        with self._unsent.lock:
+            self._unsent.idle = True
         try:
             self._send_acks()
             woken: Any = self._wake.get_message(timeout=self.timeout / 1000)
             while woken is not None:  # read the rest, so that the next empty fetch waits again
                 woken = self._wake.get_message(timeout=0)
         finally:
-            with self._acks_lock:
-                self._idle = False
+            with self._unsent.lock:
+                self._unsent.idle = False
 
     def close(self) -> None:
         try:
