@@ -14,12 +14,13 @@ is not missed: it waits in the socket. A consumer whose prefetch is (half) full 
 acknowledgements to make room for half a prefetch, then fetches them in one call.
 
 Acknowledgements are sent in batches too. Dramatiq sends each one as a Lua call of its own, a
-round trip per message (~70 µs of the worker's CPU on loopback, more than the fetch it saves
-for); here a busy consumer sends those that came in since its last call just before its next
-fetch, in one call. A consumer about to wait idle sends them first, and one made while it waits
-goes at once, so none waits for work to arrive. A message acknowledged here but not yet in Redis
-when the process dies is delivered again, as one the worker died processing is: the engine
-makes a second delivery of the same message a no-op.
+round trip per message (~0.19 ms of a worker thread's CPU with the hand-offs around it); here a
+busy consumer sends those that came in since its last call just before its next fetch, in one
+call, or when its wait for room times out (long steps do not hold back finished ones). A
+consumer about to wait idle sends them first, and one made while it waits goes at once, so none
+waits for work to arrive. A message acknowledged here but not yet in Redis when the process dies
+is delivered again, as one the worker died processing is: the engine makes a second delivery of
+the same message a no-op.
 """
 
 from __future__ import annotations
