@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from httpx._utils import get_environment_proxies
+from httpx._utils import get_environment_proxies  # httpx's own reading of the proxy variables
 
 from connectors.transport import StdlibTransport
 from workers.errors import PermanentStepError, RetryableStepError
