@@ -73,8 +73,15 @@ steps = sa.Table(
     sa.Column("finished_at", sa.Float),
     #: When a scheduled step (delay, at, or a retry) falls due.
     sa.Column("due_at", sa.Float),
-    sa.Index("ix_steps_status", "status"),
+    # Only steps that wait are indexed: the others change status twice per step, and each change
+    # rewrote a page of a whole-table status index (queries name 'scheduled' literally, as the
+    # planners need to use a partial index: ``SCHEDULED``).
+    sa.Index("ix_steps_scheduled", "due_at", sqlite_where=sa.text("status = 'scheduled'"),
+             postgresql_where=sa.text("status = 'scheduled'")),
 )
+
+#: Steps that wait (delay, ``at``, a retry's backoff), as ``ix_steps_scheduled`` selects them.
+SCHEDULED = steps.c.status == sa.literal_column("'scheduled'")
 
 #: Short-lived exclusive holds (one invitee's deliveries processed one at a time), with an expiry
 #: so a holder that died releases them.
@@ -83,6 +90,9 @@ locks = sa.Table(
     sa.Column("key", sa.String(600), primary_key=True),
     sa.Column("owner", sa.String(60), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+    # On SQLite, one b-tree keyed by ``key`` instead of a rowid table plus its key's index: each
+    # delivery takes and releases a lock, and wrote two pages each time.
+    sqlite_with_rowid=False,
 )
 
 #: Calls per connector per fixed time window, for rate limits shared by every worker.

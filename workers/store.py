@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from workers.errors import ConfigError
-from workers.schema import claims, deliveries, locks, replays, runs, steps
+from workers.schema import SCHEDULED, claims, deliveries, locks, replays, runs, steps
 from workers.session import Session, new_id
 from workers.writelock import WriteLock
 
@@ -238,7 +238,7 @@ class Store:
         """How many steps wait (delay or retry), and the earliest due time among them."""
         with self.engine.connect() as conn:
             count, earliest = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(steps.c.due_at)).where(steps.c.status == "scheduled")
+                sa.select(sa.func.count(), sa.func.min(steps.c.due_at)).where(SCHEDULED)
             ).one()
         return int(count), earliest
 
@@ -249,8 +249,7 @@ class Store:
         Deleted ``batch`` deliveries per transaction: a first prune of a long history must not
         hold SQLite's write lock, which the intake waits for, for its whole length.
         """
-        waiting = sa.select(runs.c.delivery_id).join(steps, steps.c.run_id == runs.c.id).where(
-            steps.c.status == "scheduled")
+        waiting = sa.select(runs.c.delivery_id).join(steps, steps.c.run_id == runs.c.id).where(SCHEDULED)
         removed = 0
         while True:
             with self.engine.connect() as conn:
