@@ -9,6 +9,7 @@ another connection while it runs, and race two workers' engines over the same de
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import uuid
@@ -217,3 +218,26 @@ def test_two_workers_racing_over_the_same_deliveries_call_each_step_once(world: 
         for d in deliveries:
             key = f"invitee:{app.store.get_delivery(d)['invitee_uri']}"
             assert db.try_lock(key, "a later worker", 60)
+
+
+def test_a_runs_outcome_is_logged_once_it_is_committed_with_the_runs_ids(world: Callable[..., Any]) -> None:
+    """The line says what the store says: written after the commit, outside SQLite's write lock."""
+    app, engine, _ = world()
+    seen: list[tuple[str, str | None, str]] = []
+
+    class Look(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("run "):
+                run_id = record.args[0]  # type: ignore[index]
+                seen.append((record.getMessage(), getattr(record, "run_id", None), app.store.get_run(run_id)["status"]))
+
+    handler = Look()
+    logger = logging.getLogger("vivoflow.engine")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        [run_id] = engine.run_delivery(store_booking(app, uuid.uuid4().hex))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert seen == [(f"run {run_id} (probed) succeeded", run_id, "succeeded")]

@@ -28,7 +28,7 @@ from connectors.base import ActionCall, ConnectorRegistry
 from workers.bookings import Bookings, ReschedulePair
 from workers.errors import PermanentStepError, RetryableStepError
 from workers.events import RESCHEDULED, Envelope, build_context, build_rescheduled_context
-from workers.logs import log_context
+from workers.logs import later, log_context
 from workers.metrics import Metrics, process_metrics
 from workers.recipes import Recipe, RecipeFolder, Step
 from workers.redaction import Redactor
@@ -42,6 +42,8 @@ log = logging.getLogger("vivoflow.engine")
 STEP_LEASE_SECONDS = 120.0
 
 Schedule = Callable[[str, int], None]  # (run_id, delay in milliseconds)
+#: Recipes matching an event, each with its verdict: ``running``, or ``skipped``/``failed`` and why.
+Judged = list[tuple[Recipe, tuple[str, str | None]]]
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,11 @@ class Engine:
                 log.warning("delivery %s not found; nothing to do", delivery_id)
                 return []
             envelope = Envelope.model_validate_json(delivery["body"])
-            # Built before the invitee's lock begins the transaction: the store's write lock
-            # is held from there to the first commit, so work that needs no store stays out.
+            # Built, and the recipes' ``if`` judged, before the invitee's lock begins the transaction:
+            # the store's write lock is held from there to the first commit, so work that needs no
+            # store stays out.
             ctx = build_context(envelope)
+            judged = self._judge(envelope.event, ctx)
             with self.bookings.in_order(db, delivery):
                 if (original := self.bookings.duplicate_of(db, delivery)) is not None:
                     db.mark_duplicate(delivery_id, original)
@@ -117,7 +121,7 @@ class Engine:
                 superseded = self.bookings.superseded_by(db, delivery)
                 skip = f"superseded: the invitee canceled ({superseded}) before this booking was processed"
                 run_ids = self._run_recipes(db, delivery, envelope.event, ctx, key=delivery_id,
-                                            skip_reason=skip if superseded else None)
+                                            skip_reason=skip if superseded else None, judged=judged)
                 pair = self.bookings.reschedule_pair(db, delivery, envelope)
                 if pair and self.bookings.claim_reschedule(db, pair, delivery_id):
                     log.info("delivery %s completes the reschedule of %s", delivery_id, pair.old_uri)
@@ -174,16 +178,17 @@ class Engine:
     def _run_recipes(
         self, db: Session, delivery: dict[str, Any], event: str, ctx: dict[str, Any], *, key: str,
         skip_reason: str | None = None, only: str | None = None, replay_id: str | None = None,
-        earlier: list[dict[str, Any]] | None = None,
+        earlier: list[dict[str, Any]] | None = None, judged: Judged | None = None,
     ) -> list[str]:
-        """One run per matching recipe, created with its verdict (``running``, or skipped/failed by its ``if``)."""
+        """One run per matching recipe, created with its verdict (``running``, or skipped/failed by its ``if``).
+
+        ``judged``: the matching recipes with their verdicts, when the caller judged them already.
+        """
         run_ids = []
-        for recipe in self.recipes.current().matching(event):
-            if only is not None and recipe.name != only:
-                continue
+        for recipe, verdict in self._judge(event, ctx, only) if judged is None else judged:
             replay_of = next((r["id"] for r in earlier or [] if r["recipe"] == recipe.name and r["event"] == event),
                              None)
-            status, reason = ("skipped", skip_reason) if skip_reason else self._verdict(recipe, ctx)
+            status, reason = ("skipped", skip_reason) if skip_reason else verdict
             run, created = db.ensure_run(
                 run_key=f"{key}:{recipe.name}", delivery_id=delivery["id"], recipe=recipe.name, event=event,
                 recipe_source=recipe.source, replay_of=replay_of, replay_id=replay_id, status=status, reason=reason,
@@ -197,6 +202,11 @@ class Engine:
             else:
                 self.metrics.runs.labels(recipe.name, status).inc()
         return run_ids
+
+    def _judge(self, event: str, ctx: dict[str, Any], only: str | None = None) -> Judged:
+        """The recipes matching ``event`` (only the one named ``only``, if given), each with its verdict."""
+        return [(recipe, self._verdict(recipe, ctx)) for recipe in self.recipes.current().matching(event)
+                if only is None or recipe.name == only]
 
     def _rescheduled_context(self, pair: ReschedulePair) -> dict[str, Any]:
         return build_rescheduled_context(
@@ -269,7 +279,7 @@ class Engine:
             self._finish(db, run_id, recipe.name, "failed", f"{failures} step(s) failed")
         else:
             self._finish(db, run_id, recipe.name, "succeeded")
-        log.info("run %s (%s) %s", run_id, recipe.name, "failed" if failures else "succeeded")
+        db.after_commit(later(log.info, "run %s (%s) %s", run_id, recipe.name, "failed" if failures else "succeeded"))
 
     def _run_step(
         self, db: Session, run_id: str, recipe: str, step: Step, ctx: dict[str, Any], prior: dict[str, Any] | None,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +30,12 @@ def log_context(**ids: str) -> Iterator[None]:
         yield
     finally:
         _ids.reset(token)
+
+
+def later(log_call: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """``log_call(*args)``, to be made later with the ids of now (``log_context``)."""
+    context = copy_context()
+    return lambda: context.run(log_call, *args)
 
 
 def _with_ids(factory: Any) -> Any:

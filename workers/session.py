@@ -18,6 +18,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -62,6 +63,7 @@ class Session:
         self._sql = _named if self._sqlite else _pyformat
         self._write_lock = write_lock
         self._holding = False
+        self._after_commit: list[Callable[[], None]] = []
 
     # plumbing -----------------------------------------------------------------
 
@@ -71,12 +73,21 @@ class Session:
             self._conn.commit()
         finally:
             self._release()
+        actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            action()
 
     def rollback(self) -> None:
+        self._after_commit.clear()
         try:
             self._conn.rollback()
         finally:
             self._release()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once what is written so far is committed (a rollback drops it): a log line
+        that says so is then true, and its write waits outside SQLite's write lock."""
+        self._after_commit.append(action)
 
     def _release(self) -> None:
         if self._holding:
