@@ -64,6 +64,12 @@ def entered(obj: Any, method: str, calls: int = 1) -> threading.Event:
     return event
 
 
+def waits_idle(consumer: Any) -> threading.Event:
+    """Set once ``consumer`` waits for a publish. Its first wait returns at once, with the
+    subscription's confirmation; the second is the idle one."""
+    return entered(consumer._wake, "get_message", calls=2)
+
+
 def enqueue_by_intake(queue: Queue, delivery_id: str) -> None:
     queue.deliveries([delivery_id])
 
@@ -77,7 +83,7 @@ def test_a_waiting_consumer_fetches_a_message_as_soon_as_it_is_enqueued(
         queue: Queue, enqueue: Callable[[Queue, str], None]) -> None:
     consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
     try:
-        waiting = entered(consumer._wake, "get_message")
+        waiting = waits_idle(consumer)
         thread, got = next_message_in_thread(consumer)
         assert waiting.wait(GIVE_UP_S)
         enqueue(queue, "dlv_1")
@@ -158,8 +164,12 @@ def test_a_publish_before_the_wait_is_not_lost(queue: Queue) -> None:
     """A message enqueued between a fetch that found nothing and the wait still wakes the consumer."""
     consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
     try:
+        consumer._wait_idle()  # reads the subscription's confirmation, which returns at once
         queue.deliveries(["dlv_1"])  # published while nobody waits: the subscription keeps it
-        consumer._wait_idle()  # returns at once
+        waiting = threading.Thread(target=consumer._wait_idle, daemon=True)
+        waiting.start()
+        waiting.join(GIVE_UP_S)
+        assert not waiting.is_alive(), "the publish made before the wait was lost"
         assert next(consumer).args == ("dlv_1",)
     finally:
         consumer.close()
@@ -168,7 +178,7 @@ def test_a_publish_before_the_wait_is_not_lost(queue: Queue) -> None:
 def test_delayed_messages_wake_the_delay_queue_consumer(queue: Queue) -> None:
     consumer = queue.broker.consume(f"{queue.name}.DQ", prefetch=2, timeout=IDLE_TIMEOUT_MS)
     try:
-        waiting = entered(consumer._wake, "get_message")
+        waiting = waits_idle(consumer)
         thread, got = next_message_in_thread(consumer)
         assert waiting.wait(GIVE_UP_S)
         queue.resume("run_1", delay_ms=50)
@@ -243,8 +253,7 @@ def test_an_acknowledgement_made_while_the_consumer_waits_idle_is_sent_at_once(q
     consumer = queue.broker.consume(queue.name, prefetch=2, timeout=IDLE_TIMEOUT_MS)
     try:
         message = next(consumer)
-        # The first wait returns at once, with the subscription's confirmation; the second is idle.
-        waiting = entered(consumer._wake, "get_message", calls=2)
+        waiting = waits_idle(consumer)
         thread, _ = next_message_in_thread(consumer)  # the queue is empty: it waits a minute
         assert waiting.wait(GIVE_UP_S)
         set_heartbeat(queue, 0)  # the empty fetch before the wait beat it; no fetch comes after
