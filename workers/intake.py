@@ -72,8 +72,8 @@ def parse(body: bytes) -> EnvelopeHead:
         data: Any = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
         raise ValueError("body is not valid UTF-8 JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("event"), str) or not isinstance(data.get("payload"),
-                                                                                                 dict):
+    shaped = isinstance(data, dict) and isinstance(data.get("event"), str) and isinstance(data.get("payload"), dict)
+    if not shaped:
         raise ValueError("body must be a JSON object with 'event' (a string) and 'payload' (an object)")
     err = problem.errors()[0]
     where = ".".join(map(str, err["loc"]))

@@ -58,6 +58,9 @@ runs = sa.Table(
     sa.Index("ix_runs_recipe_created", "recipe", "created_at"),
 )
 
+#: The rows of ``ix_steps_scheduled``, a partial index.
+_WAITING = sa.text("status = 'scheduled'")
+
 steps = sa.Table(
     "steps", metadata,
     sa.Column("run_id", sa.String(40), sa.ForeignKey("runs.id"), primary_key=True),
@@ -76,8 +79,7 @@ steps = sa.Table(
     # Only steps that wait are indexed: the others change status twice per step, and each change
     # rewrote a page of a whole-table status index (queries name 'scheduled' literally, as the
     # planners need to use a partial index: ``SCHEDULED``).
-    sa.Index("ix_steps_scheduled", "due_at", sqlite_where=sa.text("status = 'scheduled'"),
-             postgresql_where=sa.text("status = 'scheduled'")),
+    sa.Index("ix_steps_scheduled", "due_at", sqlite_where=_WAITING, postgresql_where=_WAITING),
 )
 
 #: Steps that wait (delay, ``at``, a retry's backoff), as ``ix_steps_scheduled`` selects them.
