@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
 
 from connectors.base import ConnectorRegistry, RenderAs
 from tests.harness import FIXTURES
@@ -160,7 +160,27 @@ def test_conditions_run_in_the_sandbox_too() -> None:
     condition = Templates().compile_condition("''.__class__.__mro__")
 
     with pytest.raises((SecurityError, UndefinedError)):
-        condition(**context_of("invitee.created"))
+        condition(context_of("invitee.created"))
+
+
+def test_a_condition_is_its_expressions_value_and_nothing_after_it() -> None:
+    templates = Templates()
+    ctx = context_of("invitee.canceled")
+
+    assert templates.compile_condition("canceler_type == 'invitee' and not rescheduled")(ctx) is True
+    assert templates.compile_condition("invitee.email")(ctx) == "jamie.rivera@example.com"
+    with pytest.raises(TemplateSyntaxError, match="chunk after expression"):
+        templates.compile_condition("rescheduled rescheduled")
+
+
+def test_what_one_template_sets_is_not_seen_by_the_next() -> None:
+    templates = Templates()
+    ctx = context_of("invitee.created")
+
+    assert templates.compile("{% set reason = 'set here' %}{{ reason }}")(ctx) == "set here"
+    assert templates.compile("[{{ reason }}]")(ctx) == "[]"
+    assert templates.compile("{{ range(2) | list }}")(ctx) == "[0, 1]"  # the globals are still there
+    assert "range" not in ctx
 
 
 # --- the context of every shipped sample -----------------------------------------------------

@@ -220,7 +220,7 @@ class Engine:
         if recipe.condition is None:
             return "running", None
         try:
-            matched = recipe.condition(**ctx)
+            matched = recipe.condition(ctx)
         except Exception as exc:  # noqa: BLE001 - `none - 1`, `1 // 0`…: the recipe's error, not ours
             return "failed", f"if: {_template_error(exc)}"
         return ("running", None) if matched else ("skipped", f"if: {recipe.condition_source} was false")
@@ -293,7 +293,7 @@ class Engine:
         record = _Recorder(db, run_id, step, self.redact, self.metrics)
         if step.condition is not None:
             try:
-                if not step.condition(**ctx):
+                if not step.condition(ctx):
                     record("skipped", error=f"if: {step.spec.if_} was false")
                     return "skipped"
             except Exception as exc:  # noqa: BLE001 - see _template_error

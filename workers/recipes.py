@@ -68,7 +68,7 @@ class Step:
     position: int
     connector: str
     action: ActionSpec
-    condition: Callable[..., Any] | None
+    condition: Callable[[dict[str, Any]], Any] | None
     inputs: Renderer
     at: Renderer | None
     max_attempts: int
@@ -83,7 +83,7 @@ class Recipe:
     name: str
     description: str
     events: tuple[str, ...]
-    condition: Callable[..., Any] | None
+    condition: Callable[[dict[str, Any]], Any] | None
     condition_source: str | None
     steps: list[Step]
     file: Path
@@ -244,7 +244,7 @@ def _all_actions(registry: ConnectorRegistry) -> list[str]:
 
 def _condition(
     source: str | None, loc: tuple[Any, ...], templates: Templates, steps: Any, error: Callable[..., None]
-) -> Callable[..., Any] | None:
+) -> Callable[[dict[str, Any]], Any] | None:
     if source is None:
         return None
     try:

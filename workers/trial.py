@@ -64,7 +64,7 @@ def trial(recipe: Recipe, envelope: Envelope, registry: ConnectorRegistry, *, se
         return result
     if recipe.condition is not None:
         try:
-            result.matched = bool(recipe.condition(**ctx))
+            result.matched = bool(recipe.condition(ctx))
         except TemplateError as exc:
             result.matched, result.reason = False, f"if: {exc}"
             return result
@@ -77,7 +77,7 @@ def trial(recipe: Recipe, envelope: Envelope, registry: ConnectorRegistry, *, se
         result.steps.append(preview)
         ctx["steps"][step.id] = {"output": _Placeholder(f"steps.{step.id}.output")}
         try:
-            if step.condition is not None and not step.condition(**ctx):
+            if step.condition is not None and not step.condition(ctx):
                 preview.status, preview.note = "skipped", f"if: {step.spec.if_} is false"
                 continue
             preview.inputs = step.inputs(ctx)
