@@ -7,6 +7,7 @@ they land (at those servers), never inferred from vivoflow's own bookkeeping.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -214,6 +215,39 @@ def test_a_worker_killed_mid_burst_loses_no_booking_and_repeats_only_calls_in_fl
     # Only a call in flight at the kill can be made again, and only once: at most one per worker thread.
     assert duplicates <= WORKER_THREADS
     assert all(n == 2 for n in repeated.values())
+
+
+def test_a_worker_process_keeps_one_slow_call_in_flight_per_thread(
+    make_config: Callable[..., Path], recipes_dir: Path, start_worker: Callable[[Path], WorkerProcess],
+) -> None:
+    """A thread waiting on a socket does not hold up the others (the GIL is let go while it waits)."""
+    in_flight, most = 0, 0
+    all_in: asyncio.Event | None = None
+
+    async def contacts(request: Request) -> Response:
+        # Each call is held until the worker has a call in flight per thread (or 20 s have passed):
+        # a worker whose calls blocked one another would never get there.
+        nonlocal in_flight, most, all_in
+        all_in = all_in or asyncio.Event()
+        in_flight += 1
+        most = max(most, in_flight)
+        if in_flight == WORKER_THREADS:
+            all_in.set()
+        with anyio.move_on_after(20):
+            await all_in.wait()
+        in_flight -= 1
+        return JSONResponse({"id": "c1"}, status_code=201)
+
+    with FakeService(Starlette(routes=[Route("/contacts", contacts, methods=["POST"])])) as crm:
+        (recipes_dir / "notify.yaml").write_text(NOTIFY_RECIPE.format(url=f"{crm.url}/contacts"))
+        config = make_config()
+        with Vivoflow(config, worker=False) as vf:
+            delivery_ids = {vf.post(booking(i)).json()["delivery_id"] for i in range(WORKER_THREADS)}
+            start_worker(config)
+            runs = wait_for_finished_runs(vf.store, delivery_ids, timeout=60)
+
+    assert [r["status"] for r in runs] == ["succeeded"] * WORKER_THREADS
+    assert most == WORKER_THREADS
 
 
 # --- SMTP and HTTP failures, with the in-process worker -----------------------------------------
