@@ -6,9 +6,13 @@ No figure is asserted (the machine's load decides them); only that each stage ra
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from bench.worker import DRAIN_FACTOR
 
@@ -48,3 +52,14 @@ def test_bench_quick_run_writes_its_json(tmp_path: Path) -> None:
 
     assert latest["memory"] and all(v is None or v > 0 for v in latest["memory"].values())
     assert "vivoflow bench" in done.stdout and "Intake" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not found: apt-get install valgrind")
+def test_bench_instructions_counts_a_run_of_the_engine() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.instructions", "--recipe", "noop", "--n", "5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = re.search(r"engine, noop recipe: ([\d,]+) instructions a run \(callgrind, 5 runs\)", done.stdout)
+    assert found, done.stdout
+    # A no-op run is hundreds of thousands of instructions: a count of the warm-up or of nothing would not be.
+    assert 100_000 < int(found.group(1).replace(",", "")) < 50_000_000
