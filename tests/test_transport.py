@@ -7,6 +7,8 @@ many connections were opened and every request that arrived (a request sent twic
 from __future__ import annotations
 
 import gzip
+import http.client
+import io
 import socket
 import ssl
 import threading
@@ -18,7 +20,7 @@ import pytest
 import trustme
 
 from connectors import httpcalls
-from connectors.transport import StdlibTransport
+from connectors.transport import StdlibTransport, _header_block
 
 #: One scripted answer: the raw bytes to send back, and whether to close the connection afterwards.
 Answer = tuple[bytes, bool]
@@ -160,6 +162,57 @@ def test_a_head_request_reads_no_body_and_keeps_the_connection(server: RawServer
         assert http.head(f"{server.url}/h").headers["content-length"] == "9"
         assert http.head(f"{server.url}/h").status_code == 200
     assert server.connections == 1
+
+
+@pytest.mark.parametrize("block", [
+    b"Content-Type: application/json\r\nContent-Length: 11\r\n\r\n",
+    b"Set-Cookie: a=1\r\nset-cookie: b=2\r\nX-Empty:\r\nX-Spaces:  \tpadded  \r\n\r\n",
+    b"X-Colons: a:b: c\r\nX-Latin: Zo\xe9\r\n\r\n",
+])
+def test_the_header_block_is_read_as_the_email_parser_reads_it(block: bytes) -> None:
+    lines = http.client._read_headers(io.BytesIO(block))  # type: ignore[attr-defined]
+    assert _header_block(lines).items() == http.client.parse_headers(io.BytesIO(block)).items()
+
+
+def test_a_folded_header_continues_its_value_and_a_line_without_colon_is_dropped(server: RawServer) -> None:
+    server.script = lambda n: (b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n\ttwo\r\nnot a header\r\nX-Tag: a\r\n"
+                               b"X-Tag: b\r\nContent-Length: 2\r\n\r\nok", False)
+    with client() as http:
+        got = http.get(f"{server.url}/h")
+    assert got.headers["x-folded"] == "one two"
+    assert got.headers.get_list("x-tag") == ["a", "b"]
+    assert got.text == "ok"
+
+
+def test_an_interim_100_answer_is_skipped_for_the_real_one(server: RawServer) -> None:
+    server.script = lambda n: (b"HTTP/1.1 100 Continue\r\nX-Interim: yes\r\n\r\n"
+                               b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi", False)
+    with client() as http:
+        got = http.post(f"{server.url}/c", content=b"x")
+        assert (got.status_code, got.text, "x-interim" in got.headers) == (201, "hi", False)
+        assert http.post(f"{server.url}/c", content=b"y").status_code == 201
+    assert server.connections == 1
+
+
+def test_a_body_without_length_ends_with_the_connection_which_is_not_kept(server: RawServer) -> None:
+    server.script = lambda n: (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end", True)
+    with client() as http:
+        assert http.get(f"{server.url}/a").text == "to the end"
+        assert http.get(f"{server.url}/b").text == "to the end"
+    assert server.connections == 2
+
+
+def test_a_204_has_no_body_and_keeps_the_connection(server: RawServer) -> None:
+    server.script = lambda n: (b"HTTP/1.1 204 No Content\r\n\r\n", False)
+    with client() as http:
+        assert [http.delete(f"{server.url}/d").status_code for _ in range(2)] == [204, 204]
+    assert server.connections == 1
+
+
+def test_an_unknown_protocol_version_is_a_protocol_error(server: RawServer) -> None:
+    server.script = lambda n: (b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", True)
+    with client() as http, pytest.raises(httpx.RemoteProtocolError):
+        http.get(f"{server.url}/v")
 
 
 def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(server: RawServer) -> None:
