@@ -14,6 +14,7 @@ it ``|safe``. Whatever was rendered must then be an ``http``/``https`` URL with 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -33,6 +34,13 @@ KEPT_HEADERS = ("content-type", "location")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: Control characters (tab aside): a CR/LF would start a new header, others are refused on the wire.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed(url: str) -> httpx.URL:
+    """``httpx.URL(url)``, parsed once per distinct text (URLs are immutable): recipes call the same few
+    endpoints, and a parse costs 22 µs, twice a call (checking the input, then sending)."""
+    return httpx.URL(url)
 
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 
@@ -120,7 +128,7 @@ class RequestInput(ActionInput):
     def _web_url(cls, value: str) -> str:
         value = value.strip()
         try:
-            url = httpx.URL(value)
+            url = _parsed(value)
         except httpx.InvalidURL as exc:
             raise ValueError(f"not a valid URL: {exc}") from None
         if url.scheme not in ("http", "https") or not url.host:
@@ -182,7 +190,7 @@ class HttpConnector(Connector):
     @action("request", input=RequestInput)
     def request(self, inputs: RequestInput, call: ActionCall) -> dict[str, Any]:
         """Call any HTTP API; the status, JSON answer and a few headers become the step's output."""
-        url = httpx.URL(inputs.url)
+        url = _parsed(inputs.url)
         if inputs.query:  # merged, not replacing: httpx's params= would drop the URL's own query
             url = url.copy_merge_params(inputs.query)
         headers = _encoded(inputs.headers)
