@@ -20,6 +20,7 @@ from jinja2 import StrictUndefined, Template, nodes
 from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from jinja2.meta import find_undeclared_variables
 from jinja2.parser import Parser
+from jinja2.runtime import Context
 from markupsafe import Markup, escape
 
 from connectors.base import RenderAs
@@ -153,8 +154,11 @@ class _Bound:
         self.globals = dict(template.globals)
         self.root = template.root_render_func
 
+    def _context(self, ctx: dict[str, Any]) -> Context:
+        return self.template.new_context({**self.globals, **ctx}, shared=True)
+
     def render(self, ctx: dict[str, Any]) -> str:
-        context = self.template.new_context({**self.globals, **ctx}, shared=True)
+        context = self._context(ctx)
         try:
             return self.env.concat(self.root(context))  # type: ignore[no-any-return]
         except Exception:
@@ -162,7 +166,7 @@ class _Bound:
 
     def value(self, ctx: dict[str, Any]) -> Any:
         """The ``result`` an expression template (see ``compile_condition``) assigns."""
-        context = self.template.new_context({**self.globals, **ctx}, shared=True)
+        context = self._context(ctx)
         for _ in self.root(context):
             pass
         return context.vars["result"]
