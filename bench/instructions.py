@@ -32,7 +32,7 @@ WARM_UP = 20
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
-def count(recipe: str, n: int) -> dict[str, float]:
+def count(recipe: str, n: int) -> float:
     """Instructions per run of ``recipe`` (``e2e`` or ``noop``), counted by callgrind over ``n`` runs."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -45,7 +45,7 @@ def count(recipe: str, n: int) -> dict[str, float]:
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"bench.instructions: the counted run failed:\n{done.stdout}{done.stderr[-3000:]}")
-    return {"instructions_per_run": int(found.group(1)) / n, "runs": n}
+    return int(found.group(1)) / n
 
 
 def loop(recipe: str, n: int, *, counted: bool) -> float:
@@ -54,13 +54,14 @@ def loop(recipe: str, n: int, *, counted: bool) -> float:
     ``counted``: under callgrind, whose counting is switched on for the loop only.
     """
     folder = Path(tempfile.mkdtemp(prefix="vivoflow-instructions-"))
+    back_to = Path.cwd()
     port = free_port()
     sink = Child("sink", python_module("bench.sink", "--port", str(port)), folder / "sink.log")
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/_count"), 30, what="the sink")
         config = write_config(folder, broker_url="redis://127.0.0.1:1/0")  # never contacted
         write_recipes(folder / "recipes", RECIPES[recipe].format(sink=f"http://127.0.0.1:{port}"), 1)
-        os.chdir(folder)
+        os.chdir(folder)  # the store URL (sqlite:///data/…) is relative: the bench runs each process in its folder
         app = product.open_app(config)
         bodies = Bodies("instructions")
         deliveries = [product.store_delivery(app, bodies.body(i)) for i in range(WARM_UP + n)]
@@ -76,6 +77,7 @@ def loop(recipe: str, n: int, *, counted: bool) -> float:
         return took / n
     finally:
         sink.stop()
+        os.chdir(back_to)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         loop(args.recipe, args.n, counted=True)
         return
     cpu = loop(args.recipe, args.n, counted=False)
-    result = count(args.recipe, args.n)
-    print(f"engine, {args.recipe} recipe: {result['instructions_per_run']:,.0f} instructions a run "
+    per_run = count(args.recipe, args.n)
+    print(f"engine, {args.recipe} recipe: {per_run:,.0f} instructions a run "
           f"(callgrind, {args.n} runs); {cpu * 1000:.2f} ms of CPU a run without valgrind (noisy)")
 
 
