@@ -113,6 +113,44 @@ def test_a_session_holds_the_lock_from_its_first_write_to_its_commit(store: Stor
     assert not held(store.write_lock)
 
 
+def _run_with_a_claimed_step(store: Store) -> str:
+    with store.session() as db:
+        run, _ = db.ensure_run(run_key="k:r", delivery_id="dlv_x", recipe="r", event="invitee.created",
+                               status="running")
+        assert db.claim_step(run_id=run["id"], step_id="s1", position=0, use="log.write", lease_seconds=60) == 1
+    return run["id"]
+
+
+def test_an_outcome_waits_for_the_next_statement_before_it_takes_the_lock(store: Store) -> None:
+    """A step's outcome, a run's status and an unlock need no answer: the engine's work after
+    them (the next step's templates and checks) must not hold up every other writer."""
+    run_id = _run_with_a_claimed_step(store)
+    with store.session() as db:
+        db.record_step(run_id=run_id, step_id="s1", position=0, use="log.write", status="succeeded",
+                       output_json='{"ok": true}')
+        db.finish_run(run_id, "succeeded")
+        assert not held(store.write_lock)
+        assert db.steps_of(run_id)[0]["status"] == "succeeded"  # a read sees the transaction's own writes
+        assert held(store.write_lock)
+    assert not held(store.write_lock)
+    assert store.get_run(run_id)["status"] == "succeeded"
+
+
+def test_an_outcome_is_written_at_commit_or_not_at_all(store: Store) -> None:
+    run_id = _run_with_a_claimed_step(store)
+    with store.session() as db:
+        db.finish_run(run_id, "failed", "kept")
+        db.commit()
+        assert not held(store.write_lock)
+        db.finish_run(run_id, "succeeded")
+        db.rollback()
+    with pytest.raises(RuntimeError), store.session() as db:
+        db.finish_run(run_id, "succeeded")
+        raise RuntimeError("the engine failed before the commit")
+    run = store.get_run(run_id)
+    assert (run["status"], run["reason"]) == ("failed", "kept")
+
+
 def test_a_failed_unit_of_work_lets_go_of_the_lock(store: Store) -> None:
     with pytest.raises(RuntimeError), store.session() as db:
         db.claim("k1", "me")

@@ -54,6 +54,13 @@ class Session:
     timeout; taking the write lock first makes it wait its turn instead. (psycopg begins a
     transaction at any first statement, which is as good: PostgreSQL locks rows, not the file.)
     With a ``WriteLock`` the turn comes as soon as the last writer commits (``workers.writelock``).
+
+    Writes nobody reads an answer from (a step's outcome, a run's status, an unlock) wait in
+    ``_pending`` until the transaction's next statement or its commit, and run then, in order.
+    The write lock is then held for the statements alone, not for the engine's work between
+    them (templates, metrics, the next step's checks): one writer at a time serves the whole
+    machine, and in a worker with eight threads every GIL hand-over inside a transaction made
+    each other writer wait longer.
     """
 
     def __init__(self, dbapi_connection: Any, dialect: str, write_lock: WriteLock | None = None) -> None:
@@ -63,6 +70,7 @@ class Session:
         self._sql = _named if self._sqlite else _pyformat
         self._write_lock = write_lock
         self._holding = False
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self._after_commit: list[Callable[[], None]] = []
 
     # plumbing -----------------------------------------------------------------
@@ -70,6 +78,7 @@ class Session:
     def commit(self) -> None:
         """Make everything written so far durable (the engine calls it before any network call)."""
         try:
+            self._flush()
             self._conn.commit()
         finally:
             self._release()
@@ -78,6 +87,7 @@ class Session:
             action()
 
     def rollback(self) -> None:
+        self._pending.clear()
         self._after_commit.clear()
         try:
             self._conn.rollback()
@@ -95,6 +105,7 @@ class Session:
             self._write_lock.release()  # type: ignore[union-attr]
 
     def _read(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        self._flush()  # a read sees the transaction's own writes
         cursor = self._cursor
         cursor.execute(self._sql(sql), params)
         rows = cursor.fetchall()
@@ -105,6 +116,19 @@ class Session:
 
     def _write(self, sql: str, params: dict[str, Any]) -> Any:
         """Run a write (beginning the transaction if none is open); returns the cursor, rows unread."""
+        self._flush()
+        return self._execute_write(sql, params)
+
+    def _write_later(self, sql: str, params: dict[str, Any]) -> None:
+        """A write whose answer nobody reads: run before the transaction's next statement, or at commit."""
+        self._pending.append((sql, params))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for sql, params in pending:
+            self._execute_write(sql, params)
+
+    def _execute_write(self, sql: str, params: dict[str, Any]) -> Any:
         if self._sqlite and not self._conn.in_transaction:
             if self._write_lock is not None and not self._holding:
                 self._write_lock.acquire()
@@ -149,10 +173,11 @@ class Session:
         return row["id"] if row else None
 
     def mark_processed(self, delivery_id: str) -> None:
-        self._write("UPDATE deliveries SET processed_at = :now WHERE id = :id", {"now": time.time(), "id": delivery_id})
+        self._write_later("UPDATE deliveries SET processed_at = :now WHERE id = :id",
+                          {"now": time.time(), "id": delivery_id})
 
     def mark_duplicate(self, delivery_id: str, of: str) -> None:
-        self._write("UPDATE deliveries SET duplicate_of = :of, processed_at = :now WHERE id = :id",
+        self._write_later("UPDATE deliveries SET duplicate_of = :of, processed_at = :now WHERE id = :id",
                     {"of": of, "now": time.time(), "id": delivery_id})
 
     # claims, locks and rate windows -------------------------------------------
@@ -176,7 +201,7 @@ class Session:
         return taken.rowcount == 1
 
     def unlock(self, key: str, owner: str) -> None:
-        self._write("DELETE FROM locks WHERE key = :key AND owner = :owner", {"key": key, "owner": owner})
+        self._write_later("DELETE FROM locks WHERE key = :key AND owner = :owner", {"key": key, "owner": owner})
 
     def take_rate(self, key: str, limit: int, window_seconds: float) -> float:
         """Count one call against ``key``'s current window: 0 if allowed, else seconds to wait.
@@ -217,7 +242,7 @@ class Session:
         return self._first("SELECT * FROM runs WHERE id = :id", {"id": run_id})
 
     def finish_run(self, run_id: str, status: str, reason: str | None = None) -> None:
-        self._write("UPDATE runs SET status = :status, reason = :reason, finished_at = :finished WHERE id = :id",
+        self._write_later("UPDATE runs SET status = :status, reason = :reason, finished_at = :finished WHERE id = :id",
                     {"status": status, "reason": reason, "finished": time.time() if status in TERMINAL else None,
                      "id": run_id})
 
@@ -264,7 +289,7 @@ class Session:
 
         Input and output come as JSON text, already redacted (``Redactor.json``): encoded once.
         """
-        self._write(
+        self._write_later(
             "INSERT INTO steps (run_id, step_id, position, use, status, attempts, input, output, error, due_at,"
             " finished_at) VALUES (:run_id, :step_id, :position, :use, :status, 0, :input, :output, :error, :due_at,"
             " :finished_at) ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status,"
