@@ -200,7 +200,7 @@ class Engine:
             elif status == "running":
                 self._execute(db, run, recipe, {**ctx, "steps": {}}, delivery, done={})
             else:
-                self.metrics.runs.labels(recipe.name, status).inc()
+                self.metrics.runs_of(recipe.name, status).inc()
         return run_ids
 
     def _judge(self, event: str, ctx: dict[str, Any], only: str | None = None) -> Judged:
@@ -228,7 +228,7 @@ class Engine:
     def _finish(self, db: Session, run_id: str, recipe: str, status: str, reason: str | None = None) -> None:
         db.finish_run(run_id, status, reason)
         if status in TERMINAL:
-            self.metrics.runs.labels(recipe, status).inc()
+            self.metrics.runs_of(recipe, status).inc()
 
     def _schedule(self, db: Session, run_id: str, delay_ms: int) -> None:
         """Hand the run back to the queue, once what the resumed run will look for is committed."""
@@ -363,9 +363,9 @@ class Engine:
         took = time.perf_counter() - started
         ctx["steps"][step.id] = {"output": output}
         record("succeeded", input=raw, output=output)
-        self.metrics.step_seconds.labels(step.connector).observe(took)
+        self.metrics.step_seconds_of(step.connector).observe(took)
         if (sent := _timestamp(delivery["sender_created_at"])) is not None:
-            self.metrics.lag_seconds.labels(recipe).observe(max(time.time() - sent, 0.0))
+            self.metrics.lag_seconds_of(recipe).observe(max(time.time() - sent, 0.0))
         log.debug("run %s step %s succeeded in %.0f ms", run_id, step.id, took * 1000)
         return "succeeded"
 
@@ -450,6 +450,6 @@ class _Recorder:
             error=error and self.redact.text(error), due_at=due_at,
         )
         if status in TERMINAL:
-            self.metrics.steps.labels(self.step.connector, status).inc()
+            self.metrics.steps_of(self.step.connector, status).inc()
         elif status == "scheduled" and error and not error.startswith("rate limit"):  # a retry's backoff
-            self.metrics.retries.labels(self.step.connector).inc()
+            self.metrics.retries_of(self.step.connector).inc()
