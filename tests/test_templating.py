@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
+from markupsafe import Markup
 
 from connectors.base import ConnectorRegistry, RenderAs
 from tests.harness import FIXTURES
 from workers.events import Envelope, build_context
 from workers.recipes import Step, load_recipe
 from workers.samples import sample_names
-from workers.templating import TOP_NAMES, Templates
+from workers.sandbox import limited
+from workers.templating import TOP_NAMES, Templates, _Bound, _Direct, _direct_parts
 
 HOSTILE_NAME = "<script>alert(1)</script>\r\nBcc: victim@example.com"
 
@@ -181,6 +185,59 @@ def test_what_one_template_sets_is_not_seen_by_the_next() -> None:
     assert templates.compile("[{{ reason }}]")(ctx) == "[]"
     assert templates.compile("{{ range(2) | list }}")(ctx) == "[0, 1]"  # the globals are still there
     assert "range" not in ctx
+
+
+# --- literal text and {{ name.field }} paths, rendered without a Jinja Context -----------------
+
+class _Shadowing(dict[str, Any]):
+    """A mapping with an attribute of the same name as a key (as a model or ``Answers`` may have)."""
+
+    email = "the attribute"
+
+
+_KEYS = st.sampled_from(["email", "name", "uri", "a", "items", "get", "_private", "class"])
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+    | st.sampled_from(["<b>&amp;</b>", "Zoé\r\nBcc: x@y", "a/b c?d=1"]) | st.builds(Markup, st.text(max_size=5)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4)
+    | st.dictionaries(_KEYS, inner, max_size=4).map(_Shadowing),
+    max_leaves=12,
+)
+_PATHS = st.lists(_KEYS, min_size=1, max_size=3).map(lambda names: "{{ " + ".".join(names) + " }}")
+_LITERALS = st.text(st.characters(blacklist_characters="{}%#", blacklist_categories=("Cs",)), max_size=6)
+_SOURCES = st.lists(_PATHS | _LITERALS, max_size=4).map("".join)
+
+
+def _outcome(render: Any, ctx: dict[str, Any]) -> tuple[str, str]:
+    try:
+        return ("text", render(ctx))
+    except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
+        return (type(exc).__name__, str(exc))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(source=_SOURCES, ctx=st.dictionaries(_KEYS, _VALUES, max_size=4), kind=st.sampled_from(list(RenderAs)))
+@example(source="{{ a.email }}", ctx={"a": _Shadowing(email="the key")}, kind=RenderAs.TEXT)
+@example(source="<{{ a.items }}>", ctx={"a": {"items": "the key"}}, kind=RenderAs.TEXT)
+def test_a_template_of_text_and_paths_renders_as_jinja_renders_it(
+    source: str, ctx: dict[str, Any], kind: RenderAs
+) -> None:
+    templates = Templates()
+    jinja = limited(_Bound(templates.envs[kind].from_string(source)).render)
+    assert _outcome(templates.compile(source, kind), ctx) == _outcome(jinja, ctx)
+
+
+def test_a_path_through_plain_dicts_does_not_need_jinjas_render() -> None:
+    def jinja(_ctx: dict[str, Any]) -> str:
+        raise AssertionError("left to Jinja's render")
+
+    env = Templates().envs[RenderAs.HTML]
+    source = "Hi {{ invitee.name }}, {{ steps.notify.output.status }}"
+    direct = _Direct(env, _direct_parts(env.parse(source)), jinja)
+    ctx = {"invitee": {"name": "<Zoé>"}, "steps": {"notify": {"output": {"status": 200}}}}
+    assert direct.render(ctx) == "Hi &lt;Zoé&gt;, 200"
+    assert _direct_parts(env.parse("{{ invitee.name | upper }}")) is None
+    assert _direct_parts(env.parse("{{ payload.items }}")) is None  # dict's own method: the sandbox decides
 
 
 # --- the context of every shipped sample -----------------------------------------------------
