@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from tests.harness import Vivoflow, write_config
 from workers.broker import EmbeddedRedis
+from workers.store import Store
 
 pytest_plugins = ["tests.conftest_smtp"]
 
@@ -183,3 +184,12 @@ def vivoflow(make_config: Callable[..., Path], smtp_sink: Any, recipes_dir: Path
         shutil.copy(recipe, recipes_dir / recipe.name)
     with Vivoflow(make_config(smtp_port=smtp_sink.port)) as running:
         yield running
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A store on a SQLite file of its own, at the current schema."""
+    store = Store(f"sqlite:///{tmp_path / 'vivoflow.db'}")
+    store.create_schema()
+    yield store
+    store.close()

@@ -13,11 +13,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from workers.store import Store
 from workers.writelock import WriteLock
@@ -37,14 +37,6 @@ def held(lock: WriteLock) -> bool:
     code = subprocess.run([sys.executable, "-c", _PROBE, lock.path], timeout=30).returncode
     assert code in (0, 3)
     return code == 3
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(f"sqlite:///{tmp_path / 'vivoflow.db'}")
-    store.create_schema()
-    yield store
-    store.close()
 
 
 def test_a_held_lock_makes_other_processes_and_threads_wait(tmp_path: Path) -> None:
@@ -162,11 +154,12 @@ def test_a_failed_unit_of_work_lets_go_of_the_lock(store: Store) -> None:
 
 def test_a_write_that_cannot_begin_lets_go_of_the_lock(store: Store, tmp_path: Path) -> None:
     """Another writer that does not queue (a migration, sqlite3 by hand) holds SQLite's own lock too long."""
+    store.engine.dispose()
+    sa.event.listen(store.engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA busy_timeout=50"))
     outsider = sqlite3.connect(tmp_path / "vivoflow.db", isolation_level=None)
     outsider.execute("BEGIN IMMEDIATE")
     try:
         with store.session() as db:
-            db._conn.execute("PRAGMA busy_timeout=50")
             with pytest.raises(sqlite3.OperationalError, match="locked"):
                 db.claim("k1", "me")
             assert not held(store.write_lock)

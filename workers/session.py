@@ -22,6 +22,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from workers.groupcommit import GroupCommit
 from workers.writelock import WriteLock
 
 TERMINAL = ("succeeded", "failed", "skipped")
@@ -61,15 +62,23 @@ class Session:
     them (templates, metrics, the next step's checks): one writer at a time serves the whole
     machine, and in a worker with eight threads every GIL hand-over inside a transaction made
     each other writer wait longer.
+
+    On a SQLite file, the writes of a unit of work go through the process's shared connection
+    (``workers.groupcommit``) from its first write to its commit, which may then be shared with
+    other threads' units of work; reads before the first write use the session's own connection.
     """
 
-    def __init__(self, dbapi_connection: Any, dialect: str, write_lock: WriteLock | None = None) -> None:
+    def __init__(self, dbapi_connection: Any, dialect: str, write_lock: WriteLock | None = None,
+                 group: GroupCommit | None = None) -> None:
         self._conn = dbapi_connection
         self._cursor = dbapi_connection.cursor()
         self._sqlite = dialect == "sqlite"
         self._sql = _named if self._sqlite else _pyformat
         self._write_lock = write_lock
         self._holding = False
+        #: With a ``GroupCommit``: from the first write to the commit, the shared connection's cursor.
+        self._group = group
+        self._shared: Any = None
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._after_commit: list[Callable[[], None]] = []
 
@@ -79,9 +88,17 @@ class Session:
         """Make everything written so far durable (the engine calls it before any network call)."""
         try:
             self._flush()
-            self._conn.commit()
-        finally:
-            self._release()
+        except BaseException:
+            self.rollback()
+            raise
+        if self._shared is not None:
+            self._shared = None
+            self._group.leave(keep=True)  # type: ignore[union-attr]
+        else:
+            try:
+                self._conn.commit()
+            finally:
+                self._release()
         actions, self._after_commit = self._after_commit, []
         for action in actions:
             action()
@@ -89,6 +106,10 @@ class Session:
     def rollback(self) -> None:
         self._pending.clear()
         self._after_commit.clear()
+        if self._shared is not None:
+            self._shared = None
+            self._group.leave(keep=False)  # type: ignore[union-attr]
+            return
         try:
             self._conn.rollback()
         finally:
@@ -106,7 +127,7 @@ class Session:
 
     def _read(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         self._flush()  # a read sees the transaction's own writes
-        cursor = self._cursor
+        cursor = self._shared or self._cursor
         cursor.execute(self._sql(sql), params)
         rows = cursor.fetchall()
         if not rows:
@@ -129,6 +150,13 @@ class Session:
             self._execute_write(sql, params)
 
     def _execute_write(self, sql: str, params: dict[str, Any]) -> Any:
+        if self._shared is not None:
+            self._shared.execute(self._sql(sql), params)
+            return self._shared
+        if self._group is not None:
+            self._shared = self._group.join()
+            self._shared.execute(self._sql(sql), params)
+            return self._shared
         if self._sqlite and not self._conn.in_transaction:
             if self._write_lock is not None and not self._holding:
                 self._write_lock.acquire()

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from workers.errors import ConfigError
+from workers.groupcommit import GroupCommit
 from workers.schema import SCHEDULED, claims, deliveries, locks, replays, runs, steps
 from workers.session import Session, new_id
 from workers.writelock import WriteLock
@@ -69,6 +70,8 @@ class Store:
 
     #: Queues this machine's writers of a SQLite file (``workers.writelock``); None elsewhere.
     write_lock: WriteLock | None = None
+    #: This process's units of work write through it, committed together (``workers.groupcommit``).
+    group: GroupCommit | None = None
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -94,6 +97,8 @@ class Store:
             raise ConfigError(f"store.url: cannot use {parsed.get_backend_name()!r}: {exc}") from None
         if parsed.get_backend_name() == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            if self.write_lock is not None:
+                self.group = GroupCommit(self.engine.raw_connection, self.write_lock)
 
     def create_schema(self) -> None:
         """Bring the database to the current schema (alembic migrations; a no-op when up to date)."""
@@ -105,6 +110,8 @@ class Store:
             conn.execute(sa.select(deliveries.c.id).limit(1)).first()
 
     def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
         self.engine.dispose()
         if self.write_lock is not None:
             self.write_lock.close()
@@ -118,7 +125,7 @@ class Store:
         """A unit of work on one pooled connection: committed at the end, rolled back on an error."""
         connection = self.engine.raw_connection()
         try:
-            session = Session(connection.dbapi_connection, self.engine.dialect.name, self.write_lock)
+            session = Session(connection.dbapi_connection, self.engine.dialect.name, self.write_lock, self.group)
             try:
                 yield session
             except BaseException:
