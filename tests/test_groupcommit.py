@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ import sqlalchemy as sa
 
 from tests.harness import wait_until
 from tests.test_writelock import held
-from workers.session import Session
 from workers.store import Store
 
 
@@ -35,27 +33,29 @@ def owner(store: Store, key: str) -> str | None:
         return conn.exec_driver_sql("SELECT owner FROM claims WHERE key = ?", (key,)).scalar()
 
 
-def two_units(store: Store, first: Callable[[Session], None], second: Callable[[Session], None]) -> list[Any]:
-    """Run ``first`` and ``second`` as units of work of two threads, the second reaching the write
-    lock while the first holds it; returns what each ended with, and the order they ended in."""
+def two_units(store: Store, *, failing: str | None = None) -> list[tuple[str, str]]:
+    """Two threads' units of work, each claiming ``k-<its name>``: the second reaches the write
+    lock while the first holds it, and ``failing`` (if named) raises after its claim. Returns
+    what each ended with, in the order they ended."""
     first_in = threading.Event()
-    ended: list[Any] = []
+    ended: list[tuple[str, str]] = []
 
-    def unit(work: Callable[[Session], None], name: str, after: threading.Event | None) -> None:
-        if after is not None:
-            after.wait(30)
+    def unit(name: str) -> None:
+        if name == "second":
+            first_in.wait(30)
         try:
             with store.session() as db:
-                work(db)
+                db.claim(f"k-{name}", name)
                 if name == "first":
                     first_in.set()
                     wait_until(lambda: store.group._waiting == 1)  # the second waits for its turn
+                if name == failing:
+                    raise RuntimeError("the engine failed mid-transaction")
             ended.append((name, "committed"))
         except Exception as exc:  # noqa: BLE001 - the outcome under test
             ended.append((name, f"{type(exc).__name__}: {exc}"))
 
-    threads = [threading.Thread(target=unit, args=(first, "first", None)),
-               threading.Thread(target=unit, args=(second, "second", first_in))]
+    threads = [threading.Thread(target=unit, args=(name,)) for name in ("first", "second")]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -66,26 +66,25 @@ def two_units(store: Store, first: Callable[[Session], None], second: Callable[[
 def test_two_threads_units_of_work_share_one_commit_and_each_returns_once_durable(
     store: Store, statements: list[str]
 ) -> None:
-    ended = two_units(store, lambda db: db.claim("k1", "first"), lambda db: db.claim("k2", "second"))
+    ended = two_units(store)
 
     # The first handed its open transaction to the second instead of committing, and its own
     # commit returned only once the second had committed both.
     assert [name for name, _ in ended] == ["second", "first"]
     assert all(outcome == "committed" for _, outcome in ended)
     assert statements.count("COMMIT") == 1
-    assert (owner(store, "k1"), owner(store, "k2")) == ("first", "second")
+    assert (owner(store, "k-first"), owner(store, "k-second")) == ("first", "second")
     assert not held(store.write_lock)
 
 
-def test_a_unit_of_work_that_rolls_back_undoes_its_own_writes_only(store: Store) -> None:
-    def second(db: Session) -> None:
-        db.claim("k2", "second")
-        raise RuntimeError("the engine failed mid-transaction")
+@pytest.mark.parametrize("failing", ["first", "second"])
+def test_a_unit_of_work_that_rolls_back_undoes_its_own_writes_only(store: Store, failing: str) -> None:
+    """The first one began the transaction (its writes are all of it); the second joined it."""
+    ended = two_units(store, failing=failing)
 
-    ended = two_units(store, lambda db: db.claim("k1", "first"), second)
-
-    assert sorted(ended) == [("first", "committed"), ("second", "RuntimeError: the engine failed mid-transaction")]
-    assert (owner(store, "k1"), owner(store, "k2")) == ("first", None)
+    other = "second" if failing == "first" else "first"
+    assert sorted(ended) == sorted([(other, "committed"), (failing, "RuntimeError: the engine failed mid-transaction")])
+    assert (owner(store, f"k-{other}"), owner(store, f"k-{failing}")) == (other, None)
     assert not held(store.write_lock)
 
 
@@ -102,12 +101,12 @@ def test_a_shared_commit_that_fails_fails_every_unit_of_work_in_it(store: Store)
     sa.event.listen(store.engine, "connect", lambda dbapi, _: dbapi.set_authorizer(authorizer))
     refusing.set()
 
-    ended = two_units(store, lambda db: db.claim("k1", "first"), lambda db: db.claim("k2", "second"))
+    ended = two_units(store)
 
     assert len(ended) == 2
     for _, outcome in ended:
         assert outcome.startswith("OperationalError: ") and "not authorized" in outcome
-    assert (owner(store, "k1"), owner(store, "k2")) == (None, None)
+    assert (owner(store, "k-first"), owner(store, "k-second")) == (None, None)
     assert not held(store.write_lock)
     refusing.clear()
     with store.session() as db:  # the shared connection is usable again

@@ -9,11 +9,12 @@ paid for its own turn of the lock, its BEGIN and its COMMIT, which wrote the sam
 
 Here a process's threads write through one shared connection. A thread whose statements are
 done while another waits for its turn hands the open transaction on instead of committing,
-and waits; the last one in line commits for all of them (at most ``MAX_GROUP``). Each thread's
-statements sit in a savepoint of their own, so a thread that rolls back undoes its own writes
-only. ``leave`` returns once the thread's writes are durable, as a commit of its own did, and a
-commit that fails fails every thread of the group: each then handles its message as after any
-failed commit (Dramatiq retries it). With one writer at a time, nothing changes: it commits at once.
+and waits; the last one in line commits for all of them (at most ``MAX_GROUP``). A thread that
+joins a transaction begun by another puts its statements in a savepoint of its own, so a
+thread that rolls back undoes its own writes only. ``leave`` returns once the thread's writes
+are durable, as a commit of its own did, and a commit that fails fails every thread of the
+group: each then handles its message as after any failed commit (Dramatiq retries it). With
+one writer at a time, nothing changes: it commits at once, with no savepoint.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ class GroupCommit:
         self._group: _Group | None = None
 
     def join(self) -> Any:
-        """Wait for this thread's turn; returns a cursor of the shared connection, in the open
-        transaction (begun if none is), at a savepoint of this thread's own. ``leave`` must follow."""
+        """Wait for this thread's turn; returns a cursor of the shared connection in the open
+        transaction, begun by this thread if none is. ``leave`` must follow.
+
+        A thread that joins a transaction begun by another sets a savepoint of its own first.
+        """
         with self._counting:
             self._waiting += 1
         try:
@@ -74,6 +78,7 @@ class GroupCommit:
                     self._lock.release()
                     raise
                 self._group = _Group()
+                return cursor
         except BaseException:
             self._turn.release()
             raise
@@ -89,10 +94,14 @@ class GroupCommit:
         kept ones are committed, by this thread or a later one of the group; raises if that failed."""
         group = self._group
         assert group is not None, "leave() without join()"
+        if group.members == 0 and not keep:  # the transaction holds this thread's writes alone
+            self._end(group, error=None, commit=False)
+            return
         try:
-            self._pooled.dbapi_connection.execute("RELEASE own" if keep else "ROLLBACK TO own")
-            if not keep:
-                self._pooled.dbapi_connection.execute("RELEASE own")
+            if group.members:  # joined at a savepoint of its own
+                self._pooled.dbapi_connection.execute("RELEASE own" if keep else "ROLLBACK TO own")
+                if not keep:
+                    self._pooled.dbapi_connection.execute("RELEASE own")
         except BaseException as exc:  # the transaction is in no known state: it ends here, for everyone
             self._end(group, error=exc)
             raise
@@ -116,17 +125,19 @@ class GroupCommit:
             self._pooled, self._pid = self._connect(), os.getpid()
         return self._pooled.dbapi_connection
 
-    def _end(self, group: _Group, error: BaseException | None = None) -> None:
-        """Commit the group's transaction (or roll it back after ``error``), then let everyone go."""
+    def _end(self, group: _Group, error: BaseException | None = None, *, commit: bool = True) -> None:
+        """Commit the group's transaction (roll it back after ``error``, or if not ``commit``),
+        then let everyone go."""
         connection = self._pooled.dbapi_connection
         try:
-            if error is None:
+            if error is None and commit:
                 try:
                     connection.commit()
                 except BaseException as exc:
                     error = exc
             if error is not None:
                 group.error = error
+            if error is not None or not commit:
                 connection.rollback()
         finally:
             self._group = None
