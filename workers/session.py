@@ -206,7 +206,7 @@ class Session:
 
     def mark_duplicate(self, delivery_id: str, of: str) -> None:
         self._write_later("UPDATE deliveries SET duplicate_of = :of, processed_at = :now WHERE id = :id",
-                    {"of": of, "now": time.time(), "id": delivery_id})
+                          {"of": of, "now": time.time(), "id": delivery_id})
 
     # claims, locks and rate windows -------------------------------------------
 
@@ -270,9 +270,10 @@ class Session:
         return self._first("SELECT * FROM runs WHERE id = :id", {"id": run_id})
 
     def finish_run(self, run_id: str, status: str, reason: str | None = None) -> None:
-        self._write_later("UPDATE runs SET status = :status, reason = :reason, finished_at = :finished WHERE id = :id",
-                    {"status": status, "reason": reason, "finished": time.time() if status in TERMINAL else None,
-                     "id": run_id})
+        self._write_later(
+            "UPDATE runs SET status = :status, reason = :reason, finished_at = :finished WHERE id = :id",
+            {"status": status, "reason": reason, "finished": time.time() if status in TERMINAL else None,
+             "id": run_id})
 
     def start_run(self, run_id: str) -> bool:
         """Mark a waiting run ``running``; False if it finished meanwhile (another worker resumed it)."""
