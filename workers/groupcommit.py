@@ -95,7 +95,7 @@ class GroupCommit:
         group = self._group
         assert group is not None, "leave() without join()"
         if group.members == 0 and not keep:  # the transaction holds this thread's writes alone
-            self._end(group, error=None, commit=False)
+            self._end(group, commit=False)
             return
         try:
             if group.members:  # joined at a savepoint of its own

@@ -23,7 +23,6 @@ from functools import cache
 from typing import Any
 
 from workers.groupcommit import GroupCommit
-from workers.writelock import WriteLock
 
 TERMINAL = ("succeeded", "failed", "skipped")
 
@@ -54,7 +53,8 @@ class Session:
     writes fails at once with SQLITE_BUSY if another process wrote meanwhile, whatever the busy
     timeout; taking the write lock first makes it wait its turn instead. (psycopg begins a
     transaction at any first statement, which is as good: PostgreSQL locks rows, not the file.)
-    With a ``WriteLock`` the turn comes as soon as the last writer commits (``workers.writelock``).
+    On a SQLite file the ``GroupCommit`` below takes the machine's ``WriteLock`` before it begins,
+    so the turn comes as soon as the last writer commits (``workers.writelock``).
 
     Writes nobody reads an answer from (a step's outcome, a run's status, an unlock) wait in
     ``_pending`` until the transaction's next statement or its commit, and run then, in order.
@@ -68,14 +68,11 @@ class Session:
     other threads' units of work; reads before the first write use the session's own connection.
     """
 
-    def __init__(self, dbapi_connection: Any, dialect: str, write_lock: WriteLock | None = None,
-                 group: GroupCommit | None = None) -> None:
+    def __init__(self, dbapi_connection: Any, dialect: str, group: GroupCommit | None = None) -> None:
         self._conn = dbapi_connection
         self._cursor = dbapi_connection.cursor()
         self._sqlite = dialect == "sqlite"
         self._sql = _named if self._sqlite else _pyformat
-        self._write_lock = write_lock
-        self._holding = False
         #: With a ``GroupCommit``: from the first write to the commit, the shared connection's cursor.
         self._group = group
         self._shared: Any = None
@@ -95,10 +92,7 @@ class Session:
             self._shared = None
             self._group.leave(keep=True)  # type: ignore[union-attr]
         else:
-            try:
-                self._conn.commit()
-            finally:
-                self._release()
+            self._conn.commit()
         actions, self._after_commit = self._after_commit, []
         for action in actions:
             action()
@@ -110,20 +104,12 @@ class Session:
             self._shared = None
             self._group.leave(keep=False)  # type: ignore[union-attr]
             return
-        try:
-            self._conn.rollback()
-        finally:
-            self._release()
+        self._conn.rollback()
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run ``action`` once what is written so far is committed (a rollback drops it): a log line
         that says so is then true, and its write waits outside SQLite's write lock."""
         self._after_commit.append(action)
-
-    def _release(self) -> None:
-        if self._holding:
-            self._holding = False
-            self._write_lock.release()  # type: ignore[union-attr]
 
     def _read(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         self._flush()  # a read sees the transaction's own writes
@@ -150,22 +136,13 @@ class Session:
             self._execute_write(sql, params)
 
     def _execute_write(self, sql: str, params: dict[str, Any]) -> Any:
+        if self._shared is None and self._group is not None:
+            self._shared = self._group.join()
         if self._shared is not None:
             self._shared.execute(self._sql(sql), params)
             return self._shared
-        if self._group is not None:
-            self._shared = self._group.join()
-            self._shared.execute(self._sql(sql), params)
-            return self._shared
-        if self._sqlite and not self._conn.in_transaction:
-            if self._write_lock is not None and not self._holding:
-                self._write_lock.acquire()
-                self._holding = True
-            try:
-                self._cursor.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self._release()
-                raise
+        if self._sqlite and not self._conn.in_transaction:  # an in-memory database: no other writer
+            self._cursor.execute("BEGIN IMMEDIATE")
         self._cursor.execute(self._sql(sql), params)
         return self._cursor
 

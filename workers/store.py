@@ -125,7 +125,7 @@ class Store:
         """A unit of work on one pooled connection: committed at the end, rolled back on an error."""
         connection = self.engine.raw_connection()
         try:
-            session = Session(connection.dbapi_connection, self.engine.dialect.name, self.write_lock, self.group)
+            session = Session(connection.dbapi_connection, self.engine.dialect.name, self.group)
             try:
                 yield session
             except BaseException:
