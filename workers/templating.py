@@ -97,8 +97,9 @@ class Templates:
     def compile(self, source: str, kind: RenderAs = RenderAs.TEXT) -> Callable[[dict[str, Any]], str]:
         """A render function for ``source``; raises ``TemplateSyntaxError`` on bad syntax."""
         env = self.envs[kind]
-        render = limited(_Bound(env.from_string(source)).render)
-        parts = _direct_parts(env.parse(source))
+        ast = env.parse(source)
+        parts = _direct_parts(ast)  # before compiling: Jinja's optimizer may rewrite the tree
+        render = limited(_Bound(env.from_string(ast)).render)
         return render if parts is None else _Direct(env, parts, render).render
 
     def compile_condition(self, expression: str) -> Callable[[dict[str, Any]], Any]:
