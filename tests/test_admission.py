@@ -8,7 +8,10 @@ requests are concurrent coroutines on one event loop, as uvicorn runs them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +167,49 @@ def test_the_intake_leaves_sqlite_checkpoints_to_its_background_chore(app: App) 
 
     assert frames > 1000  # every frame written since the start is still in the WAL…
     assert copied == frames  # …until a checkpoint (the chore's PRAGMA) copies them all
+
+
+def test_after_the_chores_checkpoint_the_next_write_starts_the_wal_over(app: App) -> None:
+    """Even when another writer commits while the checkpoint copies: under a steady flood the
+    WAL otherwise grew without end, each frame written to a fresh, zero-filled block."""
+    if not app.admission.sqlite:
+        pytest.skip("WAL checkpoints are SQLite's")
+    app.store.insert_deliveries([{**row(n), "body": "x" * 4000} for n in range(50)])
+    database = app.store.engine.url.database
+    # Another writer of this machine: it holds the write lock, as the intake and workers do, and
+    # commits just after the checkpoint's first copy (SQLAlchemy's event on that statement).
+    other = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+    lock = os.open(f"{database}.write-lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO deliveries (id, dedupe_key, event, received_at, source, body) "
+                  "VALUES ('dlv_other', 'other', 'invitee.created', 0, 'webhook', ?)", ("y" * 4000,))
+    copying = threading.Event()
+
+    def first_copy(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("PRAGMA wal_checkpoint"):
+            copying.set()
+
+    def commit_then_unlock() -> None:
+        copying.wait()
+        other.execute("COMMIT")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+    sa.event.listen(app.store.engine, "after_cursor_execute", first_copy)
+    committer = threading.Thread(target=commit_then_unlock)
+    committer.start()
+    try:
+        app.store.checkpoint()
+    finally:
+        committer.join()
+        sa.event.remove(app.store.engine, "after_cursor_execute", first_copy)
+        other.close()
+        os.close(lock)
+    app.store.insert_deliveries([row(1000)])
+
+    with app.store.engine.connect() as conn:
+        _, frames, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+    assert 0 < frames < 20  # the last delivery's pages alone, written from the WAL's start
 
 
 def test_two_intakes_storing_the_same_deliveries_in_opposite_orders_both_succeed(app: App) -> None:
