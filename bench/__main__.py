@@ -53,6 +53,9 @@ class Context:
     connections: int = 32
     loadgen: str = "auto"
     n: int = 500
+    #: Sent as fast as possible: enough for a sustained rate. 500 were sent in a fifth of a second and
+    #: done in about half a second, a burst whose figure was mostly start-up (first fetches, connections).
+    n_max: int = 5000
     #: 20/s is a quiet moment (where idle consumers' wake-up shows); the rest, load.
     rates: list[float | None] = field(default_factory=lambda: [20.0, 100.0, 200.0, 500.0, None])
     processes: list[int] = field(default_factory=lambda: [2, 1])
@@ -70,8 +73,11 @@ class Context:
         return self.deadline - time.monotonic()
 
     def n_at(self, rate: float | None) -> int:
-        """Webhooks sent at ``rate``: ``n``, but no more than ``LOW_RATE_SECONDS`` worth below 100/s."""
-        if rate is None or rate >= 100:
+        """Webhooks sent at ``rate``: ``n``, but no more than ``LOW_RATE_SECONDS`` worth below 100/s,
+        and at least ``n_max`` as fast as possible."""
+        if rate is None:
+            return max(self.n, self.n_max)
+        if rate >= 100:
             return self.n
         return min(self.n, max(50, int(rate * LOW_RATE_SECONDS)))
 
@@ -90,6 +96,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="~35 s: short flood, small N, fewer configurations, no profiles")
     parser.add_argument("--n", type=int, help="webhooks per end-to-end rate, and per worker drain (default 500)")
+    parser.add_argument("--n-max", type=int,
+                        help="webhooks sent as fast as possible, if more than --n (default 5000; --quick: --n)")
     parser.add_argument("--duration", type=float, help="seconds of each intake flood (default 10)")
     parser.add_argument("--only", help=f"comma-separated stages of {','.join(STAGES)} (default: all)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
@@ -114,12 +122,13 @@ def context(args: argparse.Namespace, tmp: Path) -> tuple[Context, set[str]]:
                   connections=args.connections, loadgen=args.loadgen, threads=args.threads)
     stages = set(STAGES)
     if args.quick:
-        ctx.duration, ctx.n, ctx.rates, ctx.processes = 2.0, 80, [None], [2]
+        ctx.duration, ctx.n, ctx.n_max, ctx.rates, ctx.processes = 2.0, 80, 0, [None], [2]
         ctx.recipe_counts, ctx.log_compare, ctx.component_seconds = [1, 1000], False, 0.2
         ctx.deadline, ctx.quick = time.monotonic() + QUICK_BUDGET_S, True
         stages.discard("profile")
     ctx.duration = args.duration or ctx.duration
     ctx.n = args.n or ctx.n
+    ctx.n_max = args.n_max or ctx.n_max
     ctx.rates = _rates(args.rates) if args.rates else ctx.rates
     ctx.processes = _ints(args.processes) if args.processes else ctx.processes
     ctx.recipe_counts = _ints(args.recipes) if args.recipes else ctx.recipe_counts
@@ -235,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             "busy": max(before[0], after[0]) / cpus > BUSY_LOAD_PER_CORE,
             "python": platform.python_version(), "platform": platform.platform(), "versions": _versions(),
             "wrk": wrk_path(), "py_spy": py_spy(), "json": str(json_path),
-            "knobs": {"duration": ctx.duration, "n": ctx.n, "connections": ctx.connections, "threads": ctx.threads,
-                      "rates": [r or "max" for r in ctx.rates], "processes": ctx.processes,
+            "knobs": {"duration": ctx.duration, "n": ctx.n, "n_max": ctx.n_max, "connections": ctx.connections,
+                      "threads": ctx.threads, "rates": [r or "max" for r in ctx.rates], "processes": ctx.processes,
                       "recipes": ctx.recipe_counts, "profile_seconds": ctx.profile_seconds},
         },
         "stages": results,
