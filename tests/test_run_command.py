@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -148,6 +149,31 @@ def test_ctrl_c_stops_run_cleanly(run_config: Any) -> None:
     assert not alive(pid)
     assert "stopped" in run.log()
     assert "aborted" not in run.log() and "Traceback" not in run.log()
+
+
+def test_ctrl_c_in_a_terminal_stops_the_workers_for_good_while_the_intake_finishes(run_config: Any) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: the workers stop at once, while the
+    intake may take seconds to finish a request in flight. Nothing must start them again meanwhile
+    (the monitor used to see a worker gone and start another, which could outlive the run)."""
+    path = run_config(smtp=False)
+    config = yaml.safe_load(path.read_text())
+    config["intake"]["read_timeout_seconds"] = 3
+    path.write_text(yaml.safe_dump(config))
+    run = run_config.start(path)
+    assert run.proc is not None
+    # A webhook whose body never arrives in full: the intake answers it 408 after its read timeout.
+    slow = socket.create_connection(("127.0.0.1", config["intake"]["port"]))
+    slow.sendall(b"POST /webhooks/vivocalendar HTTP/1.1\r\nHost: vivoflow\r\nContent-Length: 100\r\n\r\n{")
+    assert httpx.get(run.url + "/healthz", timeout=5).status_code == 200  # the loop has read it by now
+
+    os.killpg(run.proc.pid, signal.SIGINT)
+    answer = slow.recv(4096)
+    slow.close()
+
+    assert run.proc.wait(60) == 0
+    assert answer.startswith(b"HTTP/1.1 408 ")  # still in flight while the run was stopping
+    assert "starting another" not in run.log()
+    assert "Traceback" not in run.log()
 
 
 def test_without_smtp_host_the_email_lands_in_the_outbox(run_config: Any, tmp_path: Path) -> None:

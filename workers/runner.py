@@ -15,8 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 
 import dramatiq
 import uvicorn
@@ -44,16 +46,36 @@ WORKER_SWITCH_INTERVAL_S = 0.001
 BROKER_URL_ENV = "VIVOFLOW_BROKER_URL"
 
 
-def serve(app: App) -> None:
-    """Run the intake (and background reconciliation, when a token is set) until SIGINT/SIGTERM."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also calls ``on_signal`` as soon as a signal asks it to stop.
+
+    Its graceful shutdown waits for requests in flight (seconds, with a slow sender); meanwhile
+    `vivoflow run`'s workers, which a terminal's Ctrl-C reaches too, exit by themselves and must
+    not be started again.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_signal()
+        super().handle_exit(sig, frame)
+
+
+def serve(app: App, on_signal: Callable[[], None] = lambda: None) -> None:
+    """Run the intake (and background reconciliation, when a token is set) until SIGINT/SIGTERM.
+
+    ``on_signal``: called (in the signal handler) as soon as one of them arrives.
+    """
     ensure_port_free(app.config.intake.host, app.config.intake.port)
     redact_secrets(app.secrets())
     intake = app.config.intake
     log.info("intake listening on http://%s:%s%s", intake.host, intake.port, intake.path)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         create_intake(app), host=intake.host, port=intake.port, log_level="warning", access_log=False,
         lifespan="off", timeout_graceful_shutdown=10,
-    ))
+    ), on_signal)
     chores = background_chores(app)
     for chore in chores:
         chore.start()
@@ -166,8 +188,12 @@ class WorkerProcesses:
                     log.error("worker %s exited with status %s; starting another", child.pid, code)
                     self.children[i] = self._spawn()
 
-    def stop(self, timeout: float = 40.0) -> None:
+    def keep_down(self) -> None:
+        """Start no more workers: the run is stopping (``stop`` then stops those still running)."""
         self._stopping.set()
+
+    def stop(self, timeout: float = 40.0) -> None:
+        self.keep_down()
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -210,7 +236,7 @@ def run_all(config: Config) -> None:
         # uvicorn re-raises the signal that stopped it once it is done; with SIGTERM's
         # default action that would kill us before the workers and broker are stopped.
         signal.signal(signal.SIGTERM, lambda *_: None)
-        serve(app)
+        serve(app, on_signal=workers.keep_down if workers else lambda: None)
     finally:
         if workers:
             log.info("stopping: workers finish the messages they hold")
