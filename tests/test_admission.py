@@ -201,6 +201,7 @@ def test_after_the_chores_checkpoint_the_next_write_starts_the_wal_over(app: App
     try:
         app.store.checkpoint()
     finally:
+        copying.set()  # should the checkpoint fail before its first copy, the other writer still ends
         committer.join()
         sa.event.remove(app.store.engine, "after_cursor_execute", first_copy)
         other.close()

@@ -198,7 +198,7 @@ class Store:
         SQLite rewinds the WAL only when a write begins with every frame already copied. Under
         a steady flood a checkpoint never ends that way (frames keep arriving while it copies),
         so the WAL grew without end and every frame went to fresh, zero-filled blocks (the
-        intake's kernel time a webhook 78 -> 43 µs once it rewinds). The bulk is copied with
+        intake's kernel time a webhook 73-82 -> 42-47 µs once it rewinds). The bulk is copied with
         writers running; the last few frames with this machine's writers held off for a moment.
         """
         if self.engine.dialect.name != "sqlite":
