@@ -176,6 +176,51 @@ def test_ctrl_c_in_a_terminal_stops_the_workers_for_good_while_the_intake_finish
     assert "Traceback" not in run.log()
 
 
+def cpus_of(pid: int) -> set[str]:
+    """The CPU lists the threads of process ``pid`` may run on (``/proc``'s ``Cpus_allowed_list``)."""
+    lists = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        lists.update(line.split(":", 1)[1].strip() for line in status.read_text().splitlines()
+                     if line.startswith("Cpus_allowed_list:"))
+    return lists
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_each_worker_process_keeps_its_threads_on_a_cpu_of_its_own(run_config: Any, pin: bool) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU here: there is nothing to spread the workers over")
+    path = run_config(processes=2, smtp=False)
+    config = yaml.safe_load(path.read_text())
+    config["workers"]["pin_cpus"] = pin
+    path.write_text(yaml.safe_dump(config))
+    run = run_config.start(path)
+
+    def ready() -> list[int]:
+        pids = [int(pid) for pid in re.findall(r"worker (\d+) ready", run.log())]
+        return pids if len(pids) == 2 else []
+
+    placed = [cpus_of(pid) for pid in wait_until(ready)]
+    everywhere = cpus_of(os.getpid())  # what the run and its workers inherit from this test
+
+    if pin:  # every thread of a worker on one CPU, and the two workers on different ones
+        assert all(len(cpus) == 1 and next(iter(cpus)).isdigit() for cpus in placed), placed
+        assert placed[0] != placed[1]
+    else:
+        assert placed == [everywhere, everywhere]
+    assert run.stop() == 0
+
+
+def test_a_worker_given_a_cpu_it_cannot_use_runs_anywhere_and_says_so() -> None:
+    probe = ("import logging, os; from workers.runner import keep_to_cpu; logging.basicConfig(); "
+             "keep_to_cpu('4095'); print(os.sched_getaffinity(0) == os.sched_getaffinity(os.getppid()))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "runs on any CPU: cannot keep it to CPU 4095" in done.stderr
+
+
 def test_without_smtp_host_the_email_lands_in_the_outbox(run_config: Any, tmp_path: Path) -> None:
     run = run_config.start(run_config(smtp=False))
 
