@@ -27,6 +27,7 @@ from bench.config import E2E_RECIPE, write_recipes
 from bench.e2e import Sink, one_rate, warm_up
 from bench.payloads import SIGNING_KEY
 from bench.procs import Child, peak_rss_mib
+from workers.runner import WORKER_CPU_ENV
 
 POSTGRES_URL = os.environ.get("VIVOFLOW_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VIVOFLOW_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -123,9 +124,12 @@ def _deployment(ctx: Any, sink: Sink, folder: Any, broker_url: str, store_url: s
                          logs / f"cluster-serve-{i + 1}.log", cwd=folder, env={**env, PORT_VARIABLE: str(port)})
                    for i, port in enumerate(ports)]
         children += intakes
+        # Each on a CPU of its own, as the README tells those who start workers one by one.
+        cpus = sorted(os.sched_getaffinity(0))
         workers = [Child(f"vivoflow worker {i + 1}",
                          procs.vivoflow(config, "worker", "--processes", "1", "--threads", str(ctx.threads)),
-                         logs / f"cluster-worker-{i + 1}.log", cwd=folder, env=env)
+                         logs / f"cluster-worker-{i + 1}.log", cwd=folder,
+                         env={**env, WORKER_CPU_ENV: str(cpus[i % len(cpus)])} if len(cpus) > 1 else env)
                    for i in range(2)]
         children += workers
         for intake, port in zip(intakes, ports, strict=True):
