@@ -88,8 +88,8 @@ class RecipesConfig(_Section):
 class WorkersConfig(_Section):
     processes: int = Field(1, ge=0)
     threads: int = Field(8, ge=1)
-    #: Each worker process `run` (or `worker --processes N`) starts keeps its threads on one CPU,
-    #: round robin over the CPUs it may use: GIL hand-overs then stay on one CPU (workers.runner).
+    #: Each worker process `run` starts (or `worker --processes N`, N at least the CPUs it may use)
+    #: keeps its threads on one CPU, round robin: GIL hand-overs then stay on one CPU (workers.runner).
     pin_cpus: bool = True
     #: Backoff of a step's retryable errors: exponential from the first, jittered, capped.
     retry_min_backoff_seconds: float = Field(15.0, gt=0)

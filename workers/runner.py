@@ -187,10 +187,14 @@ class WorkerProcesses:
     """``count`` child ``vivoflow worker`` processes, restarted if one dies unexpectedly.
 
     With ``workers.pin_cpus`` and more than one CPU, worker ``i`` keeps its threads on the
-    ``i``-th CPU this process may use (round robin), and a worker started again in its place too.
+    ``i``-th CPU this process may use (round robin), and a worker started again in its place too;
+    but only when these workers are the machine's (``whole_machine``: ``vivoflow run``) or cover
+    every CPU. Several ``vivoflow worker --processes 2`` on a 4-CPU host would otherwise all
+    pin theirs to the first two CPUs and leave the others idle.
     """
 
-    def __init__(self, config: Config, broker_url: str, count: int, threads: int) -> None:
+    def __init__(self, config: Config, broker_url: str, count: int, threads: int, *,
+                 whole_machine: bool = False) -> None:
         self.command = [
             sys.executable, "-m", "workers.cli", "--config", config.source,
             "worker", "--processes", "1", "--threads", str(threads),
@@ -198,7 +202,7 @@ class WorkerProcesses:
         self.env = {**os.environ, BROKER_URL_ENV: broker_url}
         self.env.pop(WORKER_CPU_ENV, None)  # a worker's own, not its children's
         cpus = worker_cpus() if config.workers.pin_cpus else []
-        self.cpus = cpus if len(cpus) > 1 else []
+        self.cpus = cpus if len(cpus) > 1 and (whole_machine or count >= len(cpus)) else []
         self.count = count
         self.children: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
@@ -263,7 +267,8 @@ def run_all(config: Config) -> None:
                  len(book.recipes), len(book.errors))
         requeue_unprocessed(app)
         if config.workers.processes:
-            workers = WorkerProcesses(config, broker_url, config.workers.processes, config.workers.threads)
+            workers = WorkerProcesses(config, broker_url, config.workers.processes, config.workers.threads,
+                                      whole_machine=True)
             workers.start()
         # uvicorn re-raises the signal that stopped it once it is done; with SIGTERM's
         # default action that would kill us before the workers and broker are stopped.
