@@ -210,6 +210,25 @@ def test_each_worker_process_keeps_its_threads_on_a_cpu_of_its_own(run_config: A
     assert run.stop() == 0
 
 
+def test_a_worker_that_dies_is_started_again_on_its_cpu(run_config: Any) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU here: workers are not pinned")
+    run = run_config.start(run_config(processes=2, smtp=False))
+
+    def ready(count: int) -> list[int]:
+        pids = [int(pid) for pid in re.findall(r"worker (\d+) ready", run.log())]
+        return pids if len(pids) == count else []
+
+    first, second = wait_until(lambda: ready(2))
+    cpu = cpus_of(second)
+    os.kill(second, signal.SIGKILL)  # as the OOM killer would
+
+    replacement = wait_until(lambda: ready(3))[2]
+    assert f"worker {second} exited with status -9; starting another" in run.log()
+    assert cpus_of(replacement) == cpu != cpus_of(first)
+    assert run.stop() == 0
+
+
 def test_a_worker_given_a_cpu_it_cannot_use_runs_anywhere_and_says_so() -> None:
     probe = ("import logging, os; from workers.runner import keep_to_cpu; logging.basicConfig(); "
              "keep_to_cpu('4095'); print(os.sched_getaffinity(0) == os.sched_getaffinity(os.getppid()))")
