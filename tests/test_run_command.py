@@ -62,6 +62,11 @@ class RunProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def workers_ready(self, count: int) -> list[int]:
+        """The pids of the workers that said they were ready, once ``count`` have (else empty)."""
+        pids = [int(pid) for pid in re.findall(r"worker (\d+) ready", self.log())]
+        return pids if len(pids) == count else []
+
     def post(self, body: bytes) -> httpx.Response:
         return httpx.post(self.url + "/webhooks/vivocalendar", content=body,
                           headers={"Vivocalendar-Webhook-Signature": sign(body, SIGNING_KEY)}, timeout=10)
@@ -100,11 +105,13 @@ def run_config(tmp_path: Path, smtp_sink: Any) -> Iterator[Any]:
         (recipes / recipe.name).write_text(recipe.read_text())
     started: list[RunProcess] = []
 
-    def make(processes: int = 1, smtp: bool = True) -> Path:
+    def make(processes: int = 1, smtp: bool = True, *, intake: dict[str, Any] | None = None,
+             workers: dict[str, Any] | None = None) -> Path:
+        """``intake``, ``workers``: settings added to those sections."""
         config = {
-            "intake": {"port": free_port(), "signing_key": SIGNING_KEY},
+            "intake": {"port": free_port(), "signing_key": SIGNING_KEY, **(intake or {})},
             "broker": {"url": "embedded", "data_dir": "./data"},
-            "workers": {"processes": processes, "threads": 2},
+            "workers": {"processes": processes, "threads": 2, **(workers or {})},
             "connectors": {"email": {"host": "127.0.0.1" if smtp else "", "port": smtp_sink.port,
                                      "starttls": False}},
         }
@@ -155,14 +162,10 @@ def test_ctrl_c_in_a_terminal_stops_the_workers_for_good_while_the_intake_finish
     """A terminal's Ctrl-C reaches the whole process group: the workers stop at once, while the
     intake may take seconds to finish a request in flight. Nothing must start them again meanwhile
     (the monitor used to see a worker gone and start another, which could outlive the run)."""
-    path = run_config(smtp=False)
-    config = yaml.safe_load(path.read_text())
-    config["intake"]["read_timeout_seconds"] = 3
-    path.write_text(yaml.safe_dump(config))
-    run = run_config.start(path)
+    run = run_config.start(run_config(smtp=False, intake={"read_timeout_seconds": 3}))
     assert run.proc is not None
     # A webhook whose body never arrives in full: the intake answers it 408 after its read timeout.
-    slow = socket.create_connection(("127.0.0.1", config["intake"]["port"]))
+    slow = socket.create_connection(("127.0.0.1", int(run.url.rsplit(":", 1)[1])))
     slow.sendall(b"POST /webhooks/vivocalendar HTTP/1.1\r\nHost: vivoflow\r\nContent-Length: 100\r\n\r\n{")
     assert httpx.get(run.url + "/healthz", timeout=5).status_code == 200  # the loop has read it by now
 
@@ -189,17 +192,9 @@ def cpus_of(pid: int) -> set[str]:
 def test_each_worker_process_keeps_its_threads_on_a_cpu_of_its_own(run_config: Any, pin: bool) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU here: there is nothing to spread the workers over")
-    path = run_config(processes=2, smtp=False)
-    config = yaml.safe_load(path.read_text())
-    config["workers"]["pin_cpus"] = pin
-    path.write_text(yaml.safe_dump(config))
-    run = run_config.start(path)
+    run = run_config.start(run_config(processes=2, smtp=False, workers={"pin_cpus": pin}))
 
-    def ready() -> list[int]:
-        pids = [int(pid) for pid in re.findall(r"worker (\d+) ready", run.log())]
-        return pids if len(pids) == 2 else []
-
-    placed = [cpus_of(pid) for pid in wait_until(ready)]
+    placed = [cpus_of(pid) for pid in wait_until(lambda: run.workers_ready(2))]
     everywhere = cpus_of(os.getpid())  # what the run and its workers inherit from this test
 
     if pin:  # every thread of a worker on one CPU, and the two workers on different ones
@@ -215,16 +210,12 @@ def test_a_worker_that_dies_is_started_again_on_its_cpu(run_config: Any) -> None
         pytest.skip("one CPU here: workers are not pinned")
     run = run_config.start(run_config(processes=2, smtp=False))
 
-    def ready(count: int) -> list[int]:
-        pids = [int(pid) for pid in re.findall(r"worker (\d+) ready", run.log())]
-        return pids if len(pids) == count else []
-
     second_cpu = {str(sorted(os.sched_getaffinity(0))[1])}
     # The worker started second, on the second CPU (the first to die could be started on the first).
-    [second] = [pid for pid in wait_until(lambda: ready(2)) if cpus_of(pid) == second_cpu]
+    [second] = [pid for pid in wait_until(lambda: run.workers_ready(2)) if cpus_of(pid) == second_cpu]
     os.kill(second, signal.SIGKILL)  # as the OOM killer would
 
-    replacement = wait_until(lambda: ready(3))[2]
+    replacement = wait_until(lambda: run.workers_ready(3))[2]
     assert f"worker {second} exited with status -9; starting another" in run.log()
     assert cpus_of(replacement) == second_cpu
     assert run.stop() == 0
